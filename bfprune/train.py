@@ -1,0 +1,232 @@
+"""Masked, sharded, jitted training and evaluation.
+
+The training set lives on the device(s) once; each call of the jitted step function runs a
+chunk of optimizer steps with ``lax.scan`` (the FC on MNIST is so small that per-step
+dispatch would dominate on CPU). Batches are gathered on device from a host-computed
+permutation and sharded over the ``data`` axis of a ``jax.sharding.Mesh`` spanning all local
+devices; parameters and optimizer state are replicated. One device is the degenerate mesh.
+
+Masks: the forward pass uses ``params ⊙ masks`` and every update is re-masked, so pruned
+weights stay exactly zero (Adam's moments would otherwise move them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bfprune.pruning.masks import apply_masks
+
+PyTree = Any
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+DATA_AXIS = "data"
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training (a pytree, checkpointable as is)."""
+  step: jax.Array          # () int32, optimizer steps taken
+  params: PyTree           # the ``params`` collection, already masked
+  batch_stats: PyTree      # the ``batch_stats`` collection ({} without BatchNorm)
+  opt_state: PyTree
+
+
+def make_mesh(devices: Optional[list] = None) -> Mesh:
+  """A 1-D mesh with axis ``data`` over ``devices`` (default: all local devices)."""
+  devices = jax.local_devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def adam(learning_rate: float = 1e-3) -> optax.GradientTransformation:
+  """The study's optimizer: Adam with default betas and eps."""
+  return optax.adam(learning_rate)
+
+
+def init_state(variables: PyTree, masks: PyTree, tx: optax.GradientTransformation
+               ) -> TrainState:
+  """Builds a TrainState from Flax ``variables``; params are masked before the optimizer sees them."""
+  params = apply_masks(variables["params"], masks)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+
+def remask(state: TrainState, masks: PyTree) -> TrainState:
+  """Applies new masks to a state's params (e.g. after pruning a pre-trained network)."""
+  return state._replace(params=apply_masks(state.params, masks))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy, logits (batch, classes), labels (batch,) int."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _variables(params: PyTree, batch_stats: PyTree) -> dict:
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Compiled train / eval functions for one model, optimizer and mesh.
+
+  Attributes:
+    model: a Flax module called as ``model.apply(variables, x, train=...)``.
+    tx: the optax optimizer.
+    mesh: device mesh (see ``make_mesh``).
+    augment: optional ``augment(key, x) -> x`` run on device on every training batch.
+  """
+  model: nn.Module
+  tx: optax.GradientTransformation
+  mesh: Mesh
+  augment: Optional[Augment] = None
+
+  def __post_init__(self):
+    rep = NamedSharding(self.mesh, P())
+    data = NamedSharding(self.mesh, P(DATA_AXIS))
+    object.__setattr__(self, "_rep", rep)
+    object.__setattr__(self, "_data", data)
+    object.__setattr__(self, "_train_chunk", jax.jit(
+        self._train_chunk_impl, in_shardings=(rep, rep, rep, rep, rep, rep),
+        out_shardings=(rep, rep), donate_argnums=(0,)))
+    object.__setattr__(self, "_eval_all", jax.jit(
+        self._eval_impl, in_shardings=(rep, rep, rep, rep, rep), out_shardings=rep))
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+  def put(self, tree: PyTree) -> PyTree:
+    """Places a pytree (state, masks, dataset arrays) replicated on the mesh."""
+    return jax.device_put(tree, self._rep)
+
+  # -- training ---------------------------------------------------------------------------
+  def _loss(self, params, batch_stats, masks, x, y, key):
+    variables = _variables(apply_masks(params, masks), batch_stats)
+    if batch_stats:
+      logits, updates = self.model.apply(variables, x, train=True, rngs={"dropout": key},
+                                         mutable=["batch_stats"])
+      new_stats = updates["batch_stats"]
+    else:
+      logits = self.model.apply(variables, x, train=True, rngs={"dropout": key})
+      new_stats = batch_stats
+    return jnp.mean(cross_entropy(logits, y)), new_stats
+
+  def _train_chunk_impl(self, state, masks, x_all, y_all, idx, key):
+    """Runs ``idx.shape[0]`` steps; idx (steps, batch) indexes the on-device training set."""
+    def step(state, batch_idx):
+      k = jax.random.fold_in(key, state.step)
+      k_aug, k_drop = jax.random.split(k)
+      x = jax.lax.with_sharding_constraint(x_all[batch_idx], self._data)
+      y = jax.lax.with_sharding_constraint(y_all[batch_idx], self._data)
+      if self.augment is not None:
+        x = self.augment(k_aug, x)
+      (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(
+          state.params, state.batch_stats, masks, x, y, k_drop)
+      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+      params = apply_masks(optax.apply_updates(state.params, updates), masks)
+      return TrainState(state.step + 1, params, stats, opt_state), loss
+    state, losses = jax.lax.scan(step, state, idx)
+    return state, losses
+
+  def train_steps(self, state: TrainState, masks: PyTree, x_all: jax.Array, y_all: jax.Array,
+                  idx: np.ndarray, key: jax.Array) -> tuple[TrainState, jax.Array]:
+    """Runs one optimizer step per row of ``idx`` (steps, batch); returns (state, losses)."""
+    if idx.shape[1] % self.num_devices:
+      raise ValueError(f"batch size {idx.shape[1]} is not divisible by the number of devices "
+                       f"({self.num_devices})")
+    return self._train_chunk(state, masks, x_all, y_all, jnp.asarray(idx, jnp.int32), key)
+
+  # -- evaluation -------------------------------------------------------------------------
+  def _eval_impl(self, params, batch_stats, x_all, y_all, w_all):
+    """Sums of loss, top-1 and top-5 hits over padded batches x_all (nb, batch, ...)."""
+    def body(acc, batch):
+      x, y, w = (jax.lax.with_sharding_constraint(a, self._data) for a in batch)
+      logits = self.model.apply(_variables(params, batch_stats), x, train=False)
+      loss = cross_entropy(logits, y)
+      k = min(5, logits.shape[-1])
+      topk = jax.lax.top_k(logits, k)[1]
+      hit1 = (topk[:, 0] == y)
+      hit5 = jnp.any(topk == y[:, None], axis=-1)
+      return acc + jnp.stack([jnp.sum(w * loss), jnp.sum(w * hit1), jnp.sum(w * hit5),
+                              jnp.sum(w)]), None
+    acc, _ = jax.lax.scan(body, jnp.zeros(4, jnp.float32), (x_all, y_all, w_all))
+    return acc
+
+  def evaluate(self, state: TrainState, eval_data: "EvalData") -> dict[str, float]:
+    """Loss (mean), top-1 and top-5 (percent) over every example of ``eval_data`` once."""
+    loss, h1, h5, n = np.asarray(self._eval_all(state.params, state.batch_stats, *eval_data))
+    return {"loss": float(loss / n), "top1": float(100 * h1 / n), "top5": float(100 * h5 / n)}
+
+
+class EvalData(NamedTuple):
+  """A split padded to whole batches: x (nb, batch, ...), y (nb, batch), w (nb, batch) in {0,1}."""
+  x: jax.Array
+  y: jax.Array
+  w: jax.Array
+
+
+def make_eval_data(x: np.ndarray, y: np.ndarray, batch_size: int) -> EvalData:
+  """Pads a split to whole batches; padded rows get weight 0 so each example counts once."""
+  n = len(x)
+  nb = -(-n // batch_size)
+  pad = nb * batch_size - n
+  xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+  yp = np.concatenate([y, np.zeros((pad,), y.dtype)])
+  w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  return EvalData(xp.reshape((nb, batch_size) + x.shape[1:]), yp.reshape(nb, batch_size),
+                  w.reshape(nb, batch_size))
+
+
+def epoch_indices(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+  """The (steps, batch) example indices of one epoch: a seeded permutation, remainder dropped."""
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  steps = n // batch_size
+  if steps == 0:
+    raise ValueError(f"batch size {batch_size} exceeds the training set size {n}")
+  return perm[: steps * batch_size].reshape(steps, batch_size)
+
+
+def fit(trainer: Trainer, state: TrainState, masks: PyTree, train_x: np.ndarray,
+        train_y: np.ndarray, epochs: int, batch_size: int, seed: int,
+        eval_data: Optional[EvalData] = None, first_epoch: int = 0,
+        chunk_steps: int = 64, log: Optional[Callable[[dict], None]] = print,
+        on_epoch_end: Optional[Callable[[int, TrainState, dict], None]] = None
+        ) -> tuple[TrainState, list[dict]]:
+  """Trains ``epochs`` epochs (numbered from ``first_epoch``); one log record per epoch.
+
+  Each record holds epoch, train_loss, examples_per_s and, with ``eval_data``, test loss/top1/top5.
+  ``on_epoch_end(epoch, state, record)`` runs after each epoch (e.g. to checkpoint).
+  """
+  x_all, y_all = trainer.put((jnp.asarray(train_x), jnp.asarray(train_y, jnp.int32)))
+  masks = trainer.put(masks)
+  state = trainer.put(state)
+  if eval_data is not None:
+    eval_data = trainer.put(EvalData(*(jnp.asarray(a) for a in eval_data)))
+  key = jax.random.key(seed)
+  history = []
+  for epoch in range(first_epoch, first_epoch + epochs):
+    idx = epoch_indices(len(train_x), batch_size, seed, epoch)
+    t0 = time.perf_counter()
+    losses = []
+    for start in range(0, len(idx), chunk_steps):
+      state, loss = trainer.train_steps(state, masks, x_all, y_all, idx[start:start + chunk_steps],
+                                        jax.random.fold_in(key, epoch))
+      losses.append(loss)
+    train_loss = float(jnp.mean(jnp.concatenate(losses)))
+    seconds = time.perf_counter() - t0
+    record = {"epoch": epoch + 1, "train_loss": train_loss,
+              "examples_per_s": idx.size / seconds, "epoch_seconds": seconds}
+    if eval_data is not None:
+      record.update({f"test_{k}": v for k, v in trainer.evaluate(state, eval_data).items()})
+    history.append(record)
+    if log is not None:
+      log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in record.items()))
+    if on_epoch_end is not None:
+      on_epoch_end(epoch, state, record)
+  return state, history

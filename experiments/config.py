@@ -1,0 +1,112 @@
+"""One run's configuration: validated before any work starts, and keyed for resuming."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Optional
+
+DATASETS = ("mnist", "cifar10")
+MODELS = ("fc", "vgg16")
+DEFAULT_MODEL = {"mnist": "fc", "cifar10": "vgg16"}
+FACTORIZE = ("none", "head", "all")
+PRUNERS = ("none", "rand", "mag", "snip", "grasp", "synflow")
+SCHEDULES = ("exponential", "linear")
+SCOPES = ("global", "local")
+MAG_PRE_EPOCHS = 10  # the study pre-trains 10 epochs before magnitude pruning
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message names the offending setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  dataset: str = "mnist"
+  model: str = "fc"
+  factorize: str = "none"
+  pruner: str = "none"
+  compression: float = 1.0
+  pre_epochs: int = 0
+  post_epochs: int = 50
+  prune_rounds: int = 1
+  prune_schedule: str = "exponential"
+  prune_scope: str = "global"
+  prune_per_class: int = 10
+  batch_size: int = 256
+  lr: float = 1e-3
+  dropout: float = 0.1
+  batch_norm: bool = False
+  seed: int = 0
+
+  @property
+  def density(self) -> float:
+    return 1.0 if self.pruner == "none" else 10.0 ** (-self.compression)
+
+  def key(self) -> str:
+    """A stable id derived from the full configuration (same config => same key)."""
+    blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+  def validate(self) -> "RunConfig":
+    """Raises ConfigError with one clear line for anything that cannot run."""
+    def one_of(name, value, choices):
+      if value not in choices:
+        raise ConfigError(f"--{name}={value!r} is not valid; expected one of {', '.join(choices)}")
+    one_of("dataset", self.dataset, DATASETS)
+    one_of("model", self.model, MODELS)
+    one_of("factorize", self.factorize, FACTORIZE)
+    one_of("pruner", self.pruner, PRUNERS)
+    one_of("prune_schedule", self.prune_schedule, SCHEDULES)
+    one_of("prune_scope", self.prune_scope, SCOPES)
+    if self.model == "vgg16" and self.dataset != "cifar10":
+      raise ConfigError(f"--model=vgg16 needs 32x32 inputs (--dataset=cifar10), got --dataset={self.dataset}")
+    if not 0 <= self.compression <= 9:
+      raise ConfigError(f"--compression={self.compression} must be in [0, 9] (density = 10**-c)")
+    for name in ("pre_epochs", "post_epochs"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"--{name}={getattr(self, name)} must be >= 0")
+    if self.prune_rounds < 1:
+      raise ConfigError(f"--prune_rounds={self.prune_rounds} must be >= 1")
+    if self.prune_per_class < 1:
+      raise ConfigError(f"--prune_per_class={self.prune_per_class} must be >= 1")
+    if self.batch_size < 1:
+      raise ConfigError(f"--batch_size={self.batch_size} must be >= 1")
+    if not self.lr > 0:
+      raise ConfigError(f"--lr={self.lr} must be > 0")
+    if not 0 <= self.dropout < 1:
+      raise ConfigError(f"--dropout={self.dropout} must be in [0, 1)")
+    if self.factorize == "all" and self.model == "fc" and self.pruner != "none":
+      raise ConfigError(f"--factorize=all leaves the FC with no dense kernel to prune; "
+                        f"use --pruner=none (got --pruner={self.pruner})")
+    if self.pruner == "none" and self.pre_epochs:
+      raise ConfigError("--pre_epochs only makes sense with a pruner (they train before pruning)")
+    return self
+
+
+def parse_list(text: str, cast=str, name: str = "value") -> list:
+  """Splits a comma list, casting each item; a clear ConfigError on a bad item."""
+  items = [t.strip() for t in str(text).split(",") if t.strip()]
+  if not items:
+    raise ConfigError(f"--{name} is empty")
+  out = []
+  for t in items:
+    try:
+      out.append(cast(t))
+    except ValueError:
+      raise ConfigError(f"--{name}: {t!r} is not a valid {cast.__name__}") from None
+  return out
+
+
+def default_pre_epochs(pruner: str, pre_epochs: Optional[int]) -> int:
+  """Flag value -1 means the study's default: 10 for magnitude pruning, 0 otherwise."""
+  if pre_epochs is None or pre_epochs < 0:
+    return MAG_PRE_EPOCHS if pruner == "mag" else 0
+  return pre_epochs
+
+
+def default_rounds(pruner: str, rounds: Optional[int]) -> int:
+  """Flag value 0 means the study's default: SynFlow 100 rounds, the others 1."""
+  if rounds is None or rounds <= 0:
+    return 100 if pruner == "synflow" else 1
+  return rounds
