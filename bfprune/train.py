@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bfprune.data import epoch_permutation
 from bfprune.pruning.masks import apply_masks
 
 PyTree = Any
@@ -51,9 +52,11 @@ def adam(learning_rate: float = 1e-3) -> optax.GradientTransformation:
 def init_state(variables: PyTree, masks: PyTree, tx: optax.GradientTransformation
                ) -> TrainState:
   """Builds a TrainState from Flax ``variables``; params are masked before the optimizer sees them."""
-  params = apply_masks(variables["params"], masks)
+  # Fresh copies: the train step donates its state, which must never alias caller arrays.
+  params = jax.tree.map(jnp.array, apply_masks(variables["params"], masks))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+                    batch_stats=jax.tree.map(jnp.array, variables.get("batch_stats", {})),
+                    opt_state=tx.init(params))
 
 
 def remask(state: TrainState, masks: PyTree) -> TrainState:
@@ -135,7 +138,10 @@ class Trainer:
 
   def train_steps(self, state: TrainState, masks: PyTree, x_all: jax.Array, y_all: jax.Array,
                   idx: np.ndarray, key: jax.Array) -> tuple[TrainState, jax.Array]:
-    """Runs one optimizer step per row of ``idx`` (steps, batch); returns (state, losses)."""
+    """Runs one optimizer step per row of ``idx`` (steps, batch); returns (state, losses).
+
+    ``state`` is donated (its buffers are reused); use the returned state afterwards.
+    """
     if idx.shape[1] % self.num_devices:
       raise ValueError(f"batch size {idx.shape[1]} is not divisible by the number of devices "
                        f"({self.num_devices})")
@@ -184,7 +190,7 @@ def make_eval_data(x: np.ndarray, y: np.ndarray, batch_size: int) -> EvalData:
 
 def epoch_indices(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
   """The (steps, batch) example indices of one epoch: a seeded permutation, remainder dropped."""
-  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  perm = epoch_permutation(n, seed, epoch)
   steps = n // batch_size
   if steps == 0:
     raise ValueError(f"batch size {batch_size} exceeds the training set size {n}")
@@ -204,7 +210,8 @@ def fit(trainer: Trainer, state: TrainState, masks: PyTree, train_x: np.ndarray,
   """
   x_all, y_all = trainer.put((jnp.asarray(train_x), jnp.asarray(train_y, jnp.int32)))
   masks = trainer.put(masks)
-  state = trainer.put(state)
+  # The train step donates its input state; copy so the caller's ``state`` stays valid.
+  state = trainer.put(jax.tree.map(jnp.array, state))
   if eval_data is not None:
     eval_data = trainer.put(EvalData(*(jnp.asarray(a) for a in eval_data)))
   key = jax.random.key(seed)
