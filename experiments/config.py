@@ -13,7 +13,22 @@ FACTORIZE = ("none", "head", "all")
 PRUNERS = ("none", "rand", "mag", "snip", "grasp", "synflow")
 SCHEDULES = ("exponential", "linear")
 SCOPES = ("global", "local")
-MAG_PRE_EPOCHS = 10  # the study pre-trains 10 epochs before magnitude pruning
+MAG_PRE_EPOCHS = 10
+PAPER_PRUNERS = ("rand", "mag", "snip", "grasp", "synflow")
+PAPER_COMPRESSIONS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def _paper_cells() -> list[tuple[str, str, float]]:
+  """(factorize, pruner, compression): the study's grid, plus unpruned dense / butterfly-head
+  baselines and the all-butterfly/K-matrix model without pruning."""
+  cells = [(f, p, c) for f in ("none", "head") for p in PAPER_PRUNERS for c in PAPER_COMPRESSIONS]
+  return cells + [("none", "none", 0.0), ("head", "none", 0.0), ("all", "none", 0.0)]
+
+
+GRIDS = {
+    "paper_mnist": {"dataset": "mnist", "model": "fc", "cells": _paper_cells()},
+    "paper_cifar10": {"dataset": "cifar10", "model": "vgg16", "cells": _paper_cells()},
+}  # the study pre-trains 10 epochs before magnitude pruning
 
 
 class ConfigError(ValueError):
@@ -38,6 +53,7 @@ class RunConfig:
   dropout: float = 0.1
   batch_norm: bool = False
   seed: int = 0
+  train_examples: int = 0  # 0: the whole training split; else its first n (quick / reduced runs)
 
   @property
   def density(self) -> float:
@@ -70,6 +86,8 @@ class RunConfig:
       raise ConfigError(f"--prune_rounds={self.prune_rounds} must be >= 1")
     if self.prune_per_class < 1:
       raise ConfigError(f"--prune_per_class={self.prune_per_class} must be >= 1")
+    if self.train_examples < 0:
+      raise ConfigError(f"--train_examples={self.train_examples} must be >= 0 (0 = all)")
     if self.batch_size < 1:
       raise ConfigError(f"--batch_size={self.batch_size} must be >= 1")
     if not self.lr > 0:
