@@ -1,0 +1,29 @@
+"""bfprune: pruning at initialization and butterfly / K-matrix factorizations in JAX + Flax.
+
+The public API, re-exported from its modules:
+
+* masks (``bfprune.pruning.masks``): ``ones_like``, ``apply_masks``, ``masks_from_scores``,
+  ``density``, predicates ``is_kernel`` / ``is_kernel_or_twiddle``;
+* scores (``bfprune.pruning.scores``): ``random_scores``, ``magnitude_scores``, ``snip_scores``,
+  ``grasp_scores``, ``synflow_scores``;
+* schedules (``bfprune.pruning.schedule``): ``prune``, ``make_score_fn``, ``density_schedule``;
+* metrics (``bfprune.metrics``): ``summary``, ``layer_table``, ``detect_collapse``, ``count_params``;
+* structured layers (``bfprune.structured``): ``butterfly_multiply``, ``butterfly_to_dense``,
+  ``ButterflyDense``, ``KMatrixDense``, ``FactorizedDense``, ``KOPS2D``;
+* models (``bfprune.models``): ``FC``, ``VGG16``; training (``bfprune.train``), data
+  (``bfprune.data``) and checkpoints (``bfprune.checkpoint``) as modules.
+"""
+from bfprune import data, metrics, models, train
+from bfprune.metrics import count_params, detect_collapse, layer_table, summary
+from bfprune.models import FC, VGG16
+from bfprune.pruning.masks import (
+    apply_masks, count_kept, count_prunable, density, density_from_compression, is_kernel,
+    is_kernel_or_twiddle, masks_from_scores, ones_like)
+from bfprune.pruning.schedule import density_schedule, make_score_fn, prune
+from bfprune.pruning.scores import (
+    grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_scores)
+from bfprune.structured.butterfly import butterfly_multiply, butterfly_to_dense
+from bfprune.structured.layers import (
+    ButterflyDense, FactorizedDense, KMatrixDense, KOPS2D)
+
+__version__ = "0.1.0"
