@@ -12,7 +12,11 @@ FLOP convention (per example, multiply-adds counted once):
   recorded output shape), bias ``Cout * Hout * Wout``; transposed conv: kernel size times the
   number of *input* positions;
 * norms: one FLOP per element of the normalised tensor (``C * H * W``);
-* structured layers: ``module.flops_per_example(input_shape)``;
+* structured layers: ``module.flops_per_example(input_shape)``; their kept FLOPs are
+  ``d * (FLOPs - bias FLOPs) + bias FLOPs`` with ``d`` the density of the layer's masked leaves
+  (twiddles under ``is_kernel_or_twiddle``, KOPS2D's kernel). This is a proportional
+  convention: pruning KOPS2D's spatial kernel does not actually sparsify its frequency-domain
+  product;
 * anything else (embeddings, custom parameters the tracer cannot interpret): 0.
 
 Pruned FLOPs follow the mask density of the tensor they come from; parameters without a mask
@@ -176,6 +180,10 @@ def _complete_variables(model: nn.Module, variables: dict[str, Any], x: jax.Shap
 
 def _leaf_size(x: Any) -> int:
   return int(np.prod(jnp.shape(x)))
+
+
+def _kept(mask: Any) -> int:
+  return int(np.count_nonzero(np.asarray(mask)))
 
 
 def _out_arrays(out: Any) -> list[Any]:
@@ -390,7 +398,7 @@ def layer_table(model: nn.Module, variables: PyTree, masks: PyTree | None,
       if m is None:
         leaf_kept_flops += f
         continue
-      n, kk = _leaf_size(m), int(jnp.sum(m))
+      n, kk = _leaf_size(m), _kept(m)
       weights += n
       kept += kk
       leaf_kept_flops += f * kk / n if n else 0.0
@@ -440,7 +448,7 @@ def _empty_layer(flat_masks: dict[Path, Any], order: Sequence[Path]) -> str | No
 
   for p in sorted(groups, key=key):
     ms = groups[p]
-    if sum(_leaf_size(m) for m in ms) > 0 and sum(int(jnp.sum(m)) for m in ms) == 0:
+    if sum(_leaf_size(m) for m in ms) > 0 and sum(_kept(m) for m in ms) == 0:
       return "/".join(p)
   return None
 
@@ -515,7 +523,8 @@ def detect_collapse(apply_fn_or_model: nn.Module | Callable[[PyTree, jax.Array],
   """Layer collapse: some prunable layer keeps nothing, or no path joins input to output.
 
   Connectivity is a SynFlow-style forward in float64 with every prunable weight replaced by its
-  mask (0/1), biases zeroed, every other parameter set to 1, norms in inference mode with running
+  mask (0/1), biases zeroed, every other parameter set to 1 (complex twiddles too: an all-ones
+  butterfly connects every input to every output), norms in inference mode with running
   mean 0 / variance 1, and a (1, *input_shape) all-ones input. Every module output is rescaled to
   max 1, so R = Σ|outputs| is exactly 0 iff the net is disconnected, however deep or sparse it is.
   (Assumes zero-preserving activations and pooling, as in ReLU nets; the model must return

@@ -331,3 +331,83 @@ def test_bad_inputs_raise_clear_value_errors():
     metrics.layer_table(models.VGG16(), abstract_init(models.VGG16(), VGG_SHAPE), None, (32, 32))
   with pytest.raises(ValueError, match="input_shape"):
     metrics.detect_collapse(model, v, m, (0, 28))
+
+
+# ----------------------------------------------------------------------------- structured layers
+
+
+def butterfly_fc():
+  from bfprune.structured import layers
+  return models.FC(head=layers.butterfly_dense())
+
+
+def test_butterfly_head_flops_and_pruned_factors():
+  model = butterfly_fc()
+  v = abstract_init(model, FC_SHAPE)
+  n, log_n = 128, 7  # 100 inputs padded to 128, one stack covers 10 outputs
+  head_flops = log_n * 2 * n + 10
+  default = metrics.layer_table(model, v, masks_lib.ones_like(v["params"]), FC_SHAPE)
+  head = default[-1]
+  assert (head.name, head.kind, head.flops) == ("head", "structured", head_flops)
+  assert head.weights == 0 and head.flops_kept == head_flops  # twiddles unpruned by default
+  m = masks_lib.ones_like(v["params"], masks_lib.is_kernel_or_twiddle)
+  # Keep 3/4: drop entry [0, 1] of every 2x2 (the diagonal stays, so paths survive; dropping
+  # [0, 0] instead would disconnect outputs 0-9 from the unpadded inputs 0-99).
+  tw = np.arange(log_n * (n // 2) * 4).reshape(1, 1, log_n, n // 2, 2, 2) % 4 != 1
+  m["head"]["twiddle"] = tw
+  d = fc_dims()
+  dense_flops = sum(a * b + b for a, b in zip(d[:-2], d[1:-1]))
+  s = metrics.summary(model, v, m, FC_SHAPE)
+  assert s["flops"] == dense_flops + head_flops
+  assert s["flop_density"] == pytest.approx(
+      (dense_flops + 0.75 * (head_flops - 10) + 10) / (dense_flops + head_flops), rel=1e-12)
+  assert s["prunable"] == 119_400 - 1000 + tw.size and not s["collapsed"]
+
+
+def test_butterfly_head_connectivity():
+  model = butterfly_fc()
+  v = abstract_init(model, FC_SHAPE)
+  m = masks_lib.ones_like(v["params"], masks_lib.is_kernel_or_twiddle)
+  ident = np.zeros(m["head"]["twiddle"].shape, bool)
+  ident[..., 0, 0] = ident[..., 1, 1] = True  # every factor the identity: unit j -> output j
+  m["head"]["twiddle"] = ident
+  k5 = np.zeros((100, 100), bool)
+  k5[:, 50] = True  # fc5 feeds only unit 50, which the identity head sends past output 9
+  m["fc5"]["kernel"] = k5
+  assert metrics.detect_collapse(model, v, m, FC_SHAPE) == (True, "head")
+  k5 = np.zeros((100, 100), bool)
+  k5[:, 3] = True
+  m["fc5"]["kernel"] = k5
+  assert metrics.detect_collapse(model, v, m, FC_SHAPE) == (False, None)
+  m["head"]["twiddle"] = np.zeros_like(ident)
+  assert metrics.detect_collapse(model, v, m, FC_SHAPE) == (True, "head")
+
+
+class KopsNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    from bfprune.structured import layers
+    x = nn.relu(layers.KOPS2D(8, name="kops")(x))
+    return nn.Dense(3, name="out")(x.reshape((x.shape[0], -1)))
+
+
+def test_kops2d_table_and_collapse():
+  shape = (8, 8, 2)
+  model = KopsNet()
+  v = abstract_init(model, shape)
+  m = masks_lib.ones_like(v["params"])
+  k = np.zeros((3, 3, 2, 8), bool)
+  k[..., 4:] = True  # KOPS2D produces only channels 4-7 (9 * 2 * 4 = 72 of 144 kept)
+  m["kops"]["kernel"] = k
+  head = np.zeros((8 * 8 * 8, 3), bool)
+  head[0::8] = True  # the head reads only channel 0 of each pixel
+  m["out"]["kernel"] = head
+  row = metrics.layer_table(model, v, m, shape)[0]
+  from bfprune.structured import layers
+  f = layers.KOPS2D(8).flops_per_example(shape)
+  bias = 8 * 8 * 8
+  assert (row.name, row.kind, row.flops, row.density) == ("kops", "structured", f, 0.5)
+  assert row.flops_kept == pytest.approx(0.5 * (f - bias) + bias, rel=1e-12)
+  assert metrics.detect_collapse(model, v, m, shape) == (True, "out")
+  head[4::8] = True  # now also channel 4
+  assert metrics.detect_collapse(model, v, m, shape) == (False, None)
