@@ -10,6 +10,7 @@ DATASETS = ("mnist", "cifar10")
 MODELS = ("fc", "vgg16")
 DEFAULT_MODEL = {"mnist": "fc", "cifar10": "vgg16"}
 FACTORIZE = ("none", "head", "all")
+FACTORIZE_WITH = ("butterfly", "kmatrix", "monarch")
 PRUNERS = ("none", "rand", "mag", "snip", "grasp", "synflow")
 SCHEDULES = ("exponential", "linear")
 SCOPES = ("global", "local")
@@ -40,6 +41,8 @@ class RunConfig:
   dataset: str = "mnist"
   model: str = "fc"
   factorize: str = "none"
+  factorize_with: str = "butterfly"  # the structured dense layer used by --factorize
+  prune_factors: bool = False  # twiddles / Monarch blocks are prunable like kernels
   pruner: str = "none"
   compression: float = 1.0
   pre_epochs: int = 0
@@ -72,6 +75,7 @@ class RunConfig:
     one_of("dataset", self.dataset, DATASETS)
     one_of("model", self.model, MODELS)
     one_of("factorize", self.factorize, FACTORIZE)
+    one_of("factorize_with", self.factorize_with, FACTORIZE_WITH)
     one_of("pruner", self.pruner, PRUNERS)
     one_of("prune_schedule", self.prune_schedule, SCHEDULES)
     one_of("prune_scope", self.prune_scope, SCOPES)
@@ -94,9 +98,12 @@ class RunConfig:
       raise ConfigError(f"--lr={self.lr} must be > 0")
     if not 0 <= self.dropout < 1:
       raise ConfigError(f"--dropout={self.dropout} must be in [0, 1)")
-    if self.factorize == "all" and self.model == "fc" and self.pruner != "none":
+    if (self.factorize == "all" and self.model == "fc" and self.pruner != "none"
+        and not self.prune_factors):
       raise ConfigError(f"--factorize=all leaves the FC with no dense kernel to prune; "
-                        f"use --pruner=none (got --pruner={self.pruner})")
+                        f"use --pruner=none or --prune_factors (got --pruner={self.pruner})")
+    if self.prune_factors and self.factorize == "none":
+      raise ConfigError("--prune_factors needs structured layers (--factorize=head or all)")
     if self.pruner == "none" and self.pre_epochs:
       raise ConfigError("--pre_epochs only makes sense with a pruner (they train before pruning)")
     return self

@@ -18,22 +18,29 @@ from bfprune import data as data_lib
 from bfprune import checkpoint, metrics, models, train
 from bfprune.pruning import masks as masks_lib
 from bfprune.pruning import schedule
-from bfprune.structured import layers
+from bfprune.structured import layers, monarch
 
 from experiments.config import RunConfig
 
 Log = Callable[[str], None]
 
 
+# --factorize_with -> (head / rectangular dense layer, body dense layer for --factorize=all).
+STRUCTURED_DENSE = {
+    "butterfly": (layers.ButterflyDense, layers.FactorizedDense),  # K-matrix where square
+    "kmatrix": (layers.KMatrixDense, layers.KMatrixDense),
+    "monarch": (monarch.MonarchDense, monarch.MonarchDense),
+}
+
+
 def build_model(cfg: RunConfig, num_classes: int = 10):
-  """The model of ``cfg`` with dense, butterfly or K-matrix layers plugged in (no model edits)."""
-  head = layers.ButterflyDense if cfg.factorize in ("head", "all") else None
+  """The model of ``cfg`` with dense, butterfly, K-matrix or Monarch layers plugged in."""
+  head_layer, body_layer = STRUCTURED_DENSE[cfg.factorize_with]
+  kw = {"head": head_layer} if cfg.factorize in ("head", "all") else {}
   if cfg.model == "fc":
-    kw = {"head": head} if head else {}
     if cfg.factorize == "all":
-      kw["dense"] = layers.FactorizedDense
+      kw["dense"] = body_layer
     return models.FC(num_classes=num_classes, dropout_rate=cfg.dropout, **kw)
-  kw = {"head": head} if head else {}
   if cfg.factorize == "all":
     kw["conv"] = layers.KOPS2D
   return models.VGG16(num_classes=num_classes, dropout_rate=cfg.dropout,
@@ -81,7 +88,8 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
   in_shape = models.input_shape(cfg.dataset)
   model = build_model(cfg, dataset.num_classes)
   variables = model.init(jax.random.key(cfg.seed), jnp.zeros((1,) + in_shape))
-  masks = masks_lib.ones_like(variables["params"])
+  masks = masks_lib.ones_like(variables["params"], masks_lib.is_kernel_or_twiddle
+                              if cfg.prune_factors else masks_lib.is_kernel)
 
   tx = train.adam(cfg.lr)
   augment = data_lib.augment_cifar if cfg.dataset == "cifar10" else None

@@ -30,6 +30,9 @@ flags.DEFINE_string("dataset", "mnist", "mnist | cifar10")
 flags.DEFINE_string("model", "", "fc | vgg16 (default: fc for mnist, vgg16 for cifar10)")
 flags.DEFINE_string("factorize", "none", "Comma list of none | head | all: which layers are "
                     "butterfly / K-matrix (head: the classifier; all: every layer)")
+flags.DEFINE_string("factorize_with", "butterfly", "butterfly | kmatrix | monarch: the "
+                    "structured dense layer that --factorize puts in")
+flags.DEFINE_bool("prune_factors", False, "Also prune butterfly twiddles / Monarch blocks")
 flags.DEFINE_string("pruner", "none", "Comma list of none | rand | mag | snip | grasp | synflow")
 flags.DEFINE_string("compression", "1", "Comma list of compressions c; density = 10**-c")
 flags.DEFINE_integer("pre_epochs", -1, "Training epochs before pruning (-1: 10 for mag, else 0)")
@@ -79,6 +82,7 @@ def configs_from_flags() -> list[cfg_lib.RunConfig]:
       cells, range(FLAGS.seed, FLAGS.seed + FLAGS.seeds)):
     out.append(cfg_lib.RunConfig(
         dataset=dataset, model=model, factorize=factorize, pruner=pruner, compression=c,
+        factorize_with=FLAGS.factorize_with, prune_factors=FLAGS.prune_factors,
         pre_epochs=cfg_lib.default_pre_epochs(pruner, FLAGS.pre_epochs)
         if pruner != "none" else 0,
         post_epochs=FLAGS.post_epochs,

@@ -37,9 +37,10 @@ def is_kernel(path: Path, leaf: jax.Array) -> bool:
 
 
 def is_kernel_or_twiddle(path: Path, leaf: jax.Array) -> bool:
-  """Kernels plus butterfly / K-matrix twiddles (pruning inside the factors)."""
+  """Kernels plus the factors of structured layers: butterfly / K-matrix twiddles and Monarch
+  blocks (pruning inside the factors)."""
   del leaf
-  return bool(path) and path[-1] in ("kernel", "twiddle")
+  return bool(path) and path[-1] in ("kernel", "twiddle", "blocks1", "blocks2")
 
 
 def _none_leaf(x: Any) -> bool:
