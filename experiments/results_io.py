@@ -1,6 +1,7 @@
 """results.jsonl: one JSON row per finished run, written atomically."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -26,10 +27,17 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 def append_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
   """Appends one row atomically: the file is rewritten to a temp file and renamed over.
 
-  A crash at any moment leaves either the old file or the new one, never a half row.
+  A crash at any moment leaves either the old file or the new one, never a half row; an
+  exclusive lock on ``<path>.lock`` lets several sweep processes share one results file.
   """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path.with_name(path.name + ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _rewrite_with_row(path, row)
+
+
+def _rewrite_with_row(path: Path, row: dict[str, Any]) -> None:
   old = path.read_bytes() if path.exists() else b""
   if old and not old.endswith(b"\n"):
     old += b"\n"
