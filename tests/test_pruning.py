@@ -199,8 +199,8 @@ def test_grasp_hg_equals_explicit_hessian_times_g():
     logits = apply_fn(unravel(theta * mflat), x) / t
     return jnp.mean(jax.nn.logsumexp(logits, 1) - logits[jnp.arange(n), y])
 
-  g = jax.grad(loss)(flat) * prunable
-  hg_want = jax.hessian(loss)(flat) @ g
+  g = jax.jit(jax.grad(loss))(flat) * prunable
+  hg_want = jax.jit(jax.hessian(loss))(flat) @ g
   got = S.hessian_gradient_product(apply_fn, params, masks, (x, y), temperature=t, chunk_size=3)
   hg_got, _ = ravel_pytree(jax.tree.map(lambda h, p: jnp.zeros_like(p) if h is None else h,
                                         got, params, is_leaf=lambda v: v is None))
@@ -247,7 +247,7 @@ def test_synflow_conservation_bias_free_relu_mlp():
 def test_synflow_vgg16_scores_finite():
   from bfprune.models import VGG16
   model = VGG16()
-  params = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x, train=False)
   masks = M.ones_like(params)
   scores = S.synflow_scores(apply_fn, params, masks, (32, 32, 3))
