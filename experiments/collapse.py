@@ -2,11 +2,14 @@ r"""Critical compression of each pruner, with a dense head and a butterfly head.
 
   python experiments/collapse.py --dataset=mnist [--pruners=rand,mag,snip,grasp,synflow]
       [--heads=none,head] [--resolution=0.05] [--c_max=6] [--train_epochs=1]
-      [--train_examples=0] [--mag_pre_epochs=1] [--seed=0] [--data_dir=...]
-      [--out_dir=experiments/results/collapse/mnist]
+      [--train_examples=0] [--mag_pre_epochs=1] [--monotone_checks=2] [--seed=0]
+      [--factorize_with=butterfly] [--prune_factors] [--searches=collapse,accuracy]
+      [--data_dir=...] [--out_dir=experiments/results/collapse/mnist]
 
-For every pruner x head (``--heads``: ``none`` = dense classifier, ``head`` = butterfly
-classifier, as ``--factorize`` in sweep.py) two searches over the compression c (density 10^-c):
+For every pruner x head (``--heads``: ``none`` = dense classifier, ``head`` = butterfly (or
+``--factorize_with``) classifier, as ``--factorize`` in sweep.py; its factors are not prunable
+unless ``--prune_factors``) two searches over the compression c (density 10^-c of the prunable
+weights):
 
 * collapse: c*_collapse = the largest c at which the pruned network has not collapsed
   (``bfprune.metrics.detect_collapse``: a prunable layer keeps nothing, or no path joins input to
@@ -19,10 +22,11 @@ Both are bisections on the grid c = k * resolution, k = 0..c_max/resolution. Bis
 the event is monotone in c (once collapsed / below 2x chance, so for every larger c). That need
 not hold (pruning at c and at c' are different draws / score rankings), so: the bracket endpoints
 are probed first (c = 0 must pass, c_max must fail; otherwise the result is reported as
-"fails at 0" or "censored, >= c_max"), and every probe made for a pair (the accuracy search also
-records collapse at its points) is checked against the monotone assumption; violations are
-counted in the table. The reported bracket is exact for the probed points: the net is fine at
-c* and fails at c* + resolution.
+"fails at 0" or "censored, >= c_max"); after each bisection ``--monotone_checks`` extra grid
+points each side of the bracket are probed (just below c*, just above c* + resolution), and every
+probe of a pair (the accuracy search also records collapse at its points) is checked against the
+monotone assumption; violating pairs are counted in the table. The reported bracket is exact
+for the probed points: the net is fine at c* and fails at c* + resolution.
 
 Every probe (pruner, head, c, kind) appends one row atomically to ``<out_dir>/results.jsonl``;
 rerunning the command skips probes already there (it replays the bisections from the file).
@@ -70,6 +74,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("train_examples", 0, "Use only the first n training examples (0: all)")
   flags.DEFINE_integer("mag_pre_epochs", 1, "Dense training epochs before magnitude pruning")
   flags.DEFINE_integer("prune_rounds", 0, "Pruning rounds (0: 100 for synflow, else 1)")
+  flags.DEFINE_integer("monotone_checks", 2, "Extra probes each side of every bracket (the "
+                       "grid points just below c* and just above c* + resolution) to test the "
+                       "monotone assumption")
   flags.DEFINE_integer("batch_size", 256, "Batch size")
   flags.DEFINE_integer("seed", 0, "Seed (init, pruning data, random scores, data order)")
   flags.DEFINE_string("data_dir", None, "Folder of the standard data files (default: "
@@ -216,7 +223,7 @@ def validate_flags() -> dict[str, Any]:
   for name in ("train_epochs",):
     if getattr(FLAGS, name) < 1:
       raise err(f"--{name}={getattr(FLAGS, name)} must be >= 1")
-  for name in ("mag_pre_epochs", "train_examples", "prune_rounds", "seed"):
+  for name in ("mag_pre_epochs", "train_examples", "prune_rounds", "seed", "monotone_checks"):
     if getattr(FLAGS, name) < 0:
       raise err(f"--{name}={getattr(FLAGS, name)} must be >= 0")
   out_dir = Path(FLAGS.out_dir or f"experiments/results/collapse/{FLAGS.dataset}")
@@ -411,27 +418,48 @@ class Result(NamedTuple):
   search: str
   bracket: Bracket
   violations: int      # monotone violations among every probe of this (pruner, head, kind)
+  points: int          # distinct c probed for this (pruner, head, kind): bisection + checks
   detail: str          # collapse: the layer that collapses at first_fail; accuracy: top-1 there
   top1_at_critical: Optional[float]
 
 
+def check_points(bracket: Bracket, n: int, c_max: float, resolution: float) -> list[float]:
+  """Up to ``n`` grid points below ``last_ok`` and ``n`` above ``first_fail`` (within
+  [0, c_max], not probed yet): where a non-monotone event would move c* at this resolution."""
+  k_max = grid_size(c_max, resolution)
+  out = []
+  if bracket.last_ok is not None:
+    k0 = round(bracket.last_ok / resolution)
+    out += [grid_point(k0 - i, resolution) for i in range(1, n + 1) if k0 - i >= 0]
+  if bracket.first_fail is not None:
+    k1 = round(bracket.first_fail / resolution)
+    out += [grid_point(k1 + i, resolution) for i in range(1, n + 1) if k1 + i <= k_max]
+  return [c for c in out if c not in bracket.probes]
+
+
 def search_pair(prober: Prober, pruner: str, head: str, searches: Sequence[str],
-                c_max: float, resolution: float) -> list[Result]:
-  """Runs the requested searches for one (pruner, head) and summarises them."""
+                c_max: float, resolution: float, checks: int = 0) -> list[Result]:
+  """Runs the requested searches for one (pruner, head) and summarises them; ``checks``
+  extra probes each side of every bracket test the monotone assumption (``check_points``)."""
   out = []
   if "collapse" in searches:
     b = bisect_compression(lambda c: prober.collapse(pruner, head, c)["collapsed"], c_max,
                            resolution)
+    for c in check_points(b, checks, c_max, resolution):
+      prober.collapse(pruner, head, c)
     fail = prober.collapse(pruner, head, b.first_fail) if b.first_fail is not None else None
     out.append(("collapse", b, (fail or {}).get("collapsed_layer") or "", None))
   if "accuracy" in searches:
     b = bisect_compression(lambda c: prober.accuracy(pruner, head, c)["below_threshold"], c_max,
                            resolution)
+    for c in check_points(b, checks, c_max, resolution):
+      prober.accuracy(pruner, head, c)
     ok = prober.accuracy(pruner, head, b.last_ok) if b.last_ok is not None else None
     fail = prober.accuracy(pruner, head, b.first_fail) if b.first_fail is not None else None
     detail = f"top1 {fail['top1']:.1f}% at c={b.first_fail:g}" if fail else ""
     out.append(("accuracy", b, detail, ok["top1"] if ok else None))
-  # The monotone check uses every probe of this pair in this configuration (both searches).
+  # The monotone check uses every probe of this pair in this configuration: both searches'
+  # bisections, their check points, and rows left by earlier runs (e.g. other resolutions).
   points = {"collapse": [], "accuracy": []}
   for (kind, key), r in prober.rows.items():
     if (r.get("pruner"), r.get("factorize")) != (pruner, head):
@@ -440,8 +468,8 @@ def search_pair(prober: Prober, pruner: str, head: str, searches: Sequence[str],
       points[kind].append((r["compression"],
                            r["collapsed"] if kind == "collapse" else r["below_threshold"]))
   prober.clear_masks()
-  return [Result(pruner, head, s, b, monotone_violations(points[s]), d, t)
-          for s, b, d, t in out]
+  return [Result(pruner, head, s, b, monotone_violations(points[s]),
+                 len({c for c, _ in points[s]}), d, t) for s, b, d, t in out]
 
 
 def _c_text(c: Optional[float], censored: bool = False) -> str:
@@ -455,7 +483,8 @@ def _d_text(c: Optional[float], censored: bool = False) -> str:
 
 
 CSV_FIELDS = ("pruner", "head", "search", "status", "c_star", "density_star", "c_fail",
-              "density_fail", "probes", "monotone_violations", "detail", "top1_at_c_star")
+              "density_fail", "probes", "checked_points", "monotone_violations", "detail",
+              "top1_at_c_star")
 
 
 def csv_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
@@ -465,7 +494,8 @@ def csv_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
       else 10.0 ** -r.bracket.last_ok,
       "c_fail": r.bracket.first_fail, "density_fail": None if r.bracket.first_fail is None
       else 10.0 ** -r.bracket.first_fail,
-      "probes": len(r.bracket.probes), "monotone_violations": r.violations, "detail": r.detail,
+      "probes": len(r.bracket.probes), "checked_points": r.points,
+      "monotone_violations": r.violations, "detail": r.detail,
       "top1_at_c_star": r.top1_at_critical} for r in results]
 
 
@@ -487,7 +517,9 @@ def to_markdown(results: Sequence[Result], settings: dict[str, Any], threshold: 
       f"[0, {settings['c_max']:g}] before the network collapses (empty layer or no input-output "
       f"path), resp. before test top-1 after {FLAGS.train_epochs} training epoch(s) falls below "
       f"2× chance ({threshold:g}%). Found by bisection, assuming monotone failure in c; "
-      f"'viol.' counts probe pairs contradicting that assumption. Pruning at initialisation "
+      f"{FLAGS.monotone_checks} extra probe(s) each side of every bracket; 'viol.' counts "
+      f"probe pairs (c1 < c2, failing at c1, fine at c2) contradicting that assumption. "
+      f"Pruning at initialisation "
       f"(mag: after {FLAGS.mag_pre_epochs} dense epoch(s)); seed {FLAGS.seed}; "
       f"{'all' if not FLAGS.train_examples else FLAGS.train_examples} training examples; "
       f"structured head: {FLAGS.factorize_with}, "
@@ -506,7 +538,7 @@ def to_markdown(results: Sequence[Result], settings: dict[str, Any], threshold: 
           cells += ["n/a"] * (3 if s == "collapse" else 4)
           continue
         b = r.bracket
-        probes += len(b.probes)
+        probes += r.points
         viol += r.violations
         censored = b.status == "censored"
         cells += [_c_text(b.last_ok, censored), _d_text(b.last_ok, censored)]
@@ -620,7 +652,7 @@ def main(argv):
   for pruner in settings["pruners"]:
     for head in settings["heads"]:
       for r in search_pair(prober, pruner, head, settings["searches"], settings["c_max"],
-                           settings["resolution"]):
+                           settings["resolution"], FLAGS.monotone_checks):
         results.append(r)
         logging.info("%s %s %s: c* = %s (%s, %d probes, %d monotone violations)", pruner,
                      head_name(head), r.search, r.bracket.last_ok, r.bracket.status,

@@ -16,7 +16,8 @@ from experiments import collapse  # noqa: E402
 
 SCRIPT = [sys.executable, str(REPO / "experiments" / "collapse.py")]
 TINY = ["--dataset=mnist", "--pruners=rand,snip", "--heads=none,head", "--resolution=0.5",
-        "--c_max=4", "--train_examples=2048", "--train_epochs=1", "--seed=0"]
+        "--c_max=4", "--train_examples=2048", "--train_epochs=1", "--seed=0",
+        "--monotone_checks=1"]
 
 
 def _env():
@@ -64,6 +65,15 @@ def test_bisection_endpoints_and_non_monotone_events():
   assert collapse.monotone_violations([(0.0, False), (1.0, True), (2.0, True)]) == 0
 
 
+def test_check_points_flank_the_bracket_on_the_grid():
+  b = collapse.Bracket(1.0, 1.5, (0.0, 4.0, 2.0, 1.0, 1.5))
+  assert collapse.check_points(b, 2, 4.0, 0.5) == [0.5, 2.5]  # 0 and 2 were probed already
+  assert collapse.check_points(b, 0, 4.0, 0.5) == []
+  edge = collapse.Bracket(3.5, 4.0, (0.0, 4.0, 3.5))
+  assert collapse.check_points(edge, 2, 4.0, 0.5) == [3.0, 2.5]  # nothing above c_max
+  assert collapse.check_points(collapse.Bracket(4.0, None, (0.0, 4.0)), 1, 4.0, 0.5) == [3.5]
+
+
 def test_grid_must_divide_c_max():
   assert collapse.grid_size(6.0, 0.05) == 120
   with pytest.raises(ValueError, match="whole multiple"):
@@ -81,6 +91,8 @@ def test_grid_must_divide_c_max():
     (["--resolution=0.3", "--c_max=1"], "--c_max=1 must be a whole multiple of --resolution=0.3"),
     (["--c_max=12"], "--c_max=12 must be in (0, 9]"),
     (["--train_epochs=0"], "--train_epochs=0 must be >= 1"),
+    (["--monotone_checks=-1"], "--monotone_checks=-1 must be >= 0"),
+    (["--factorize_with=fft"], "--factorize_with='fft' is not valid"),
     (["--dataset=mnist", "--model=vgg16"], "needs 32x32 inputs"),
 ])
 def test_bad_flags_fail_fast_with_one_clear_line(args, message, tmp_path):
@@ -139,6 +151,13 @@ def test_tiny_run_reports_consistent_critical_compressions_and_resumes(tmp_path,
     c_star, c_fail = float(r["c_star"]), float(r["c_fail"])
     assert c_fail == pytest.approx(c_star + 0.5)
     assert float(r["density_star"]) == pytest.approx(10.0 ** -c_star)
+    seen = {p["compression"]: p["collapsed"] for p in probes if p["kind"] == "collapse"
+            and (p["pruner"], p["factorize"]) == (r["pruner"], r["head"])}
+    assert int(r["checked_points"]) == len(seen)
+    for flank in (c_star - 0.5, c_fail + 0.5):  # --monotone_checks=1 probes both flanks
+      assert not 0 <= flank <= 4 or flank in seen, (flank, sorted(seen))
+    bad = sum(1 for c1, f1 in seen.items() for c2, f2 in seen.items() if c1 < c2 and f1 and not f2)
+    assert int(r["monotone_violations"]) == bad
     assert not _prune_and_detect(small, r["pruner"], r["head"], c_star), r
     assert _prune_and_detect(small, r["pruner"], r["head"], c_fail), r
   for r in rows:
