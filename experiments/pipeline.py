@@ -99,7 +99,7 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
       dataset.test_x, dataset.test_y, cfg.batch_size))))
   fit = functools.partial(train.fit, trainer, train_x=dataset.train_x, train_y=dataset.train_y,
                           batch_size=cfg.batch_size, seed=cfg.seed, eval_data=eval_data,
-                          log=history_log)
+                          log=history_log, chunk_steps=64 if cfg.model == "fc" else 1)
 
   # Resumable phases: "pre" (training before pruning), then "post" (after pruning). The
   # checkpoint is written after every epoch and right after pruning; data order and keys are
