@@ -11,12 +11,17 @@ score function is wrapped to block on and time its result, so
   scoring   = time inside score_fn (jitted kernel, dispatch, host transfer, finiteness check)
   selection = total - scoring      (masks_from_scores: top-k on host, masks back to jax).
 
+Each is reported as wall time and as process CPU time (all threads). On a shared machine the
+wall time depends on the load; the CPU time does not, and bounds the wall time the same work
+takes on an idle machine (which runs it with 1-2 busy cores here).
+
 ``--selection_baseline`` also times one global selection against a plain ``np.partition`` and a
 full ``np.sort`` over all prunable weights of each model, for scale.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,24 +69,28 @@ def bench_one(model_name: str, pruner: str) -> dict:
   jax.block_until_ready(score_fn(params, masks0))  # compile
   warmup_s = time.perf_counter() - t0
 
-  scoring = [0.0]
+  scoring = [0.0, 0.0]  # wall, cpu
 
   def timed(p, m):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     s = jax.block_until_ready(score_fn(p, m))
     scoring[0] += time.perf_counter() - t
+    scoring[1] += time.process_time() - c
     return s
 
   rounds = FLAGS.synflow_rounds if pruner == "synflow" else Sch.default_rounds(pruner)
   density = M.density_from_compression(FLAGS.compression)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   masks = jax.block_until_ready(
       Sch.prune(timed, params, masks0, density, rounds=rounds, scope=FLAGS.scope))
-  total = time.perf_counter() - t0
+  total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
   return {"model": model_name, "pruner": pruner, "rounds": rounds,
           "weights": M.count_prunable(masks0), "kept": M.count_kept(masks),
+          "load_avg_1min": round(os.getloadavg()[0], 2),
           "warmup_s": round(warmup_s, 3), "total_s": round(total, 3),
-          "scoring_s": round(scoring[0], 3), "selection_s": round(total - scoring[0], 3)}
+          "scoring_s": round(scoring[0], 3), "selection_s": round(total - scoring[0], 3),
+          "total_cpu_s": round(total_cpu, 3), "scoring_cpu_s": round(scoring[1], 3),
+          "selection_cpu_s": round(total_cpu - scoring[1], 3)}
 
 
 def selection_baseline(model_name: str) -> dict:
@@ -114,13 +123,16 @@ def main(argv):
   del argv
   rows = []
   print(f"{'model':6} {'pruner':8} {'rounds':>6} {'warmup_s':>9} {'total_s':>8} "
-        f"{'scoring_s':>9} {'selection_s':>11}")
+        f"{'scoring_s':>9} {'selection_s':>11} | {'cpu: total':>10} {'scoring':>8} "
+        f"{'selection':>9} | load")
   for model_name in FLAGS.models:
     for pruner in FLAGS.pruners:
       r = bench_one(model_name, pruner)
       rows.append(r)
       print(f"{r['model']:6} {r['pruner']:8} {r['rounds']:6d} {r['warmup_s']:9.2f} "
-            f"{r['total_s']:8.2f} {r['scoring_s']:9.2f} {r['selection_s']:11.2f}", flush=True)
+            f"{r['total_s']:8.2f} {r['scoring_s']:9.2f} {r['selection_s']:11.2f} | "
+            f"{r['total_cpu_s']:10.2f} {r['scoring_cpu_s']:8.2f} {r['selection_cpu_s']:9.2f} | "
+            f"{r['load_avg_1min']:.1f}", flush=True)
     if FLAGS.selection_baseline:
       b = selection_baseline(model_name)
       rows.append(b)

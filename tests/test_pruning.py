@@ -244,6 +244,23 @@ def test_synflow_conservation_bias_free_relu_mlp():
   assert all(s.dtype == np.float64 for s in jax.tree.leaves(scores))
 
 
+def test_synflow_non_finite_scores_raise():
+  # A model that forces float32 compute overflows R here (1e30 weights over two layers), which
+  # must raise instead of returning inf / NaN scores.
+  class F32(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(4, dtype=jnp.float32, name="a")(x)
+      return nn.Dense(2, dtype=jnp.float32, name="b")(x)
+
+  model = F32()
+  params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+  params = jax.tree.map(lambda p: jnp.full_like(p, 1e30), params)
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    S.synflow_scores(apply_fn, params, M.ones_like(params), (3,))
+
+
 def test_synflow_vgg16_scores_finite():
   from bfprune.models import VGG16
   model = VGG16()

@@ -212,12 +212,12 @@ def _synflow_jit(apply_fn, params, masks, input_shape):
   def r(p):  # R = 1ᵀ f(1; |θ|⊙m)
     return jnp.sum(apply_fn(apply_masks(p, masks), jnp.ones((1,) + input_shape, jnp.float64)))
 
-  g = jax.grad(r)(abs_params)
+  big_r, g = jax.value_and_grad(r)(abs_params)
   scores = tree_map_masked(
       lambda m, p, gi: None if m is None else jnp.abs(jnp.where(m, p, 0) * gi),
       masks, abs_params, g)
   finite = [jnp.all(jnp.isfinite(s)) for s in jax.tree.leaves(scores)]
-  return scores, finite
+  return scores, finite, big_r
 
 
 def synflow_scores(apply_fn: ApplyFn, params: PyTree, masks: PyTree,
@@ -238,19 +238,21 @@ def synflow_scores(apply_fn: ApplyFn, params: PyTree, masks: PyTree,
     mask is ``None``.
 
   Raises:
-    FloatingPointError: if a score is NaN or infinite (e.g. a model that forces float32).
+    FloatingPointError: if R or a score is NaN or infinite (e.g. a model that forces float32).
   """
   _check_masks(params, masks)
   shape = tuple(int(s) for s in input_shape)
   if not shape or min(shape) < 1:
     raise ValueError(f"input_shape must be one example's positive shape, got {input_shape!r}")
   with jax.enable_x64(True):
-    scores, finite = _synflow_jit(apply_fn, params, masks, shape)
+    scores, finite, big_r = _synflow_jit(apply_fn, params, masks, shape)
     scores = jax.tree.map(np.asarray, scores)  # zero-copy on CPU; float64 survives the scope
+    big_r = float(big_r)
   paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(scores)]
   bad = [k for k, ok in zip(paths, finite) if not bool(ok)]
-  if bad:
+  if bad or not np.isfinite(big_r):
     raise FloatingPointError(
-        f"SynFlow produced non-finite scores in {', '.join(bad)} (R overflowed even in "
-        "float64, or the model casts to a lower precision)")
+        f"SynFlow produced non-finite values (R = {big_r}; non-finite scores in "
+        f"{', '.join(bad) or 'none'}): R overflowed even in float64, or the model casts to a "
+        "lower precision")
   return scores
