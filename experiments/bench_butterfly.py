@@ -1,0 +1,128 @@
+"""Benchmark: fast butterfly multiply vs dense ``x @ W`` on this machine.
+
+For each n: forward and forward+backward (gradient w.r.t. x AND the weights) wall time,
+median of --repeats calls after warm-up (``block_until_ready``), of
+  * the butterfly ``butterfly_multiply`` (nstacks=1, nblocks=1, increasing stride),
+  * dense ``x @ W`` with W (n, n),
+  * optionally (--reference) the one-einsum-per-factor reference with plain autodiff,
+their ratios, and the butterfly's effective memory bandwidth next to a plain copy bandwidth
+measured in the same run. Ratios from one run are what counts (other jobs share the CPU).
+
+Bytes counted for the butterfly (itemsize 4 for float32), with P = radix passes per block:
+  forward   = 2 (P + 2) * batch * n * itemsize
+              (each pass reads its input and writes its output; plus the transposes into
+              and out of the feature-major layout, each a read and a write)
+  fwd + bwd = forward + (4 P + 4) * batch * n * itemsize
+              (per pass backward: the transposed pass reads g and writes the input
+              cotangent, the pass-matrix gradient reads g and the saved input; plus the two
+              transposes of the cotangents)
+The tiny pass matrices (n * radix entries per pass) are not counted. Copy bandwidth is
+(read + write) / time of ``a * 2`` on a --copy_mib MiB float32 array.
+
+Usage: python experiments/bench_butterfly.py --batch=256 --sizes=256,1024,4096,8192
+"""
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bfprune.structured import butterfly as bf
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 256, "Rows of x.")
+flags.DEFINE_list("sizes", ["256", "1024", "4096", "8192"], "Butterfly sizes n (powers of 2).")
+flags.DEFINE_integer("repeats", 15, "Timed calls per measurement (median reported).")
+flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
+flags.DEFINE_bool("reference", False, "Also time the einsum-per-factor reference.")
+flags.DEFINE_integer("copy_mib", 64, "Size of the array for the copy-bandwidth baseline.")
+
+
+def _median_ms(cases: dict) -> dict:
+  """cases: name -> (fn, args). Compiles and warms up each, then times them round-robin
+  (one call of each per round) so that load from other jobs hits all of them alike."""
+  for fn, args in cases.values():
+    for _ in range(1 + FLAGS.warmup):
+      jax.block_until_ready(fn(*args))
+  times = {name: [] for name in cases}
+  for _ in range(FLAGS.repeats):
+    for name, (fn, args) in cases.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
+def _fwd_bwd(fn):
+  """jit of (w, x) -> gradients w.r.t. both of sum(fn(w, x) * ct)."""
+  def loss(w, x, ct):
+    return jnp.sum(fn(w, x) * ct)
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _copy_gbs() -> float:
+  a = jnp.ones((FLAGS.copy_mib * 2 ** 18,), jnp.float32)
+  ms = _median_ms({"copy": (jax.jit(lambda v: v * 2), (a,))})["copy"]
+  return 2 * a.nbytes / (ms * 1e-3) / 1e9
+
+
+def main(argv):
+  del argv
+  b = FLAGS.batch
+  key = jax.random.PRNGKey(0)
+  rows = []
+  copy_before = _copy_gbs()
+  for n in (int(s) for s in FLAGS.sizes):
+    log_n = n.bit_length() - 1
+    k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, n), 4)
+    x = jax.random.normal(k1, (b, n), jnp.float32)
+    ct = jax.random.normal(k2, (b, n), jnp.float32)
+    tw = jax.random.normal(k3, (1, 1, log_n, n // 2, 2, 2), jnp.float32) / np.sqrt(2)
+    w = jax.random.normal(k4, (n, n), jnp.float32) / np.sqrt(n)
+
+    dense = lambda w_, x_: x_ @ w_
+    bfly = lambda t_, x_: bf.butterfly_multiply(t_, x_, True)
+    cases = {
+        "bf": (jax.jit(bfly), (tw, x)),
+        "bf_fb": (_fwd_bwd(bfly), (tw, x, ct)),
+        "dense": (jax.jit(dense), (w, x)),
+        "dense_fb": (_fwd_bwd(dense), (w, x, ct)),
+    }
+    if FLAGS.reference:
+      ref = lambda t_, x_: bf.butterfly_multiply_reference(t_, x_, True)
+      cases["ref"] = (jax.jit(ref), (tw, x))
+      cases["ref_fb"] = (_fwd_bwd(ref), (tw, x, ct))
+    t = _median_ms(cases)
+    npass = len(bf.radix_plan(log_n))
+    unit = b * n * 4
+    t["gbs"] = 2 * (npass + 2) * unit / (t["bf"] * 1e-3) / 1e9
+    t["gbs_fb"] = (2 * (npass + 2) + 4 * npass + 4) * unit / (t["bf_fb"] * 1e-3) / 1e9
+    t["n"], t["plan"] = n, "+".join(str(m) for m in bf.radix_plan(log_n))
+    rows.append(t)
+    print(f"n={n} done", flush=True)
+  copy_after = _copy_gbs()
+
+  print(f"\nbatch {b}, float32, {jax.devices()[0].device_kind}, median of {FLAGS.repeats} "
+        f"(ms). Copy bandwidth ({FLAGS.copy_mib} MiB, read + write): "
+        f"{copy_before:.1f} GB/s before, {copy_after:.1f} GB/s after.")
+  head = (f"{'n':>6} {'radix':>9} | {'dense':>8} {'bfly':>7} {'x':>6} | {'dense f+b':>9} "
+          f"{'bfly f+b':>8} {'x':>6} | {'fwd GB/s':>8} {'f+b GB/s':>8}")
+  if FLAGS.reference:
+    head += f" | {'ref':>8} {'ref f+b':>8}"
+  print(head)
+  print("-" * len(head))
+  for t in rows:
+    line = (f"{t['n']:>6} {t['plan']:>9} | {t['dense']:>8.2f} {t['bf']:>7.2f} "
+            f"{t['dense'] / t['bf']:>6.1f} | {t['dense_fb']:>9.2f} {t['bf_fb']:>8.2f} "
+            f"{t['dense_fb'] / t['bf_fb']:>6.1f} | {t['gbs']:>8.1f} {t['gbs_fb']:>8.1f}")
+    if FLAGS.reference:
+      line += f" | {t['ref']:>8.2f} {t['ref_fb']:>8.2f}"
+    print(line)
+  print("x = dense time / butterfly time. radix: factors per pass (log2 of the radix).")
+
+
+if __name__ == "__main__":
+  app.run(main)
