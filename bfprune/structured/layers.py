@@ -275,6 +275,61 @@ def _butterfly_axis(t: jax.Array, x: jax.Array, axis: int, increasing: bool) -> 
   return jnp.moveaxis(y.reshape(xm.shape), -1, axis)
 
 
+def _complex_block(m: jax.Array) -> jax.Array:
+  """Complex (a, b) -> real (2a, 2b) acting on planar (re, im): rows (re/im, i), cols (re/im, j)."""
+  blk = jnp.stack([jnp.stack([m.real, -m.imag], 1), jnp.stack([m.imag, m.real], 1)], 0)
+  return blk.reshape(2 * m.shape[0], 2 * m.shape[1])   # [[Re, -Im], [Im, Re]]
+
+
+def _shared_bmm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+  """lhs (m, k) applied to every rhs[i] (k, N): (B, k, N) -> (B, m, N), as one batched GEMM."""
+  lb = jnp.broadcast_to(lhs, (rhs.shape[0],) + lhs.shape)
+  return jax.lax.dot_general(lb, rhs, (((2,), (1,)), ((0,), (0,))))
+
+
+def _kops_dense(x: jax.Array, mats: dict[str, jax.Array], coef: jax.Array,
+                kernel: jax.Array) -> jax.Array:
+  """KOPS2D with materialised (H x H, W x W) transforms, in real "planar" arithmetic.
+
+  x (B, H, W, Cin) real; mats: complex input_h/input_w (forward) and output_h/output_w
+  (inverse) matrices acting as y = M x; coef (HW, kh kw) complex maps kernel taps to
+  frequencies; kernel (kh kw, Cin Cout). Returns Re(out) (B, H, W, Cout).
+
+  Why this layout (measured on CPU, ~1.3-1.8x faster than complex einsums in NHWC): XLA's
+  complex dots are several times slower than real ones, so complex values are kept as
+  separate real and imaginary planes; activations are frequency-major (H, W, B, C) so the
+  per-frequency product is one batched GEMM and every transform contracts a leading axis
+  (no transposes inside XLA's dots); only the real part of the last transform is computed.
+  """
+  b, h, w, cin = x.shape
+  cout = kernel.shape[1] // cin
+  hw = h * w
+  # Per-frequency kernels Re, Im and Re + Im (for the 3-multiplication complex product).
+  cr, ci = coef.real, coef.imag
+  k3 = (jnp.concatenate([cr, ci, cr + ci], 0).astype(kernel.dtype) @ kernel
+        ).reshape(3, hw, cin, cout)
+  # H transform of the real input: rows (u, re/im).
+  mh = mats["input_h"]
+  xt = jnp.transpose(x, (1, 2, 0, 3)).reshape(h, w * b * cin)
+  t = (jnp.stack([mh.real, mh.imag], 1).reshape(2 * h, h).astype(x.dtype) @ xt)
+  t = t.reshape(h, 2 * w, b * cin)                        # (u, (re/im, w), (b, c))
+  # W transform, complex on planar data, batched over u: -> (u, (re/im, v), (b, c)).
+  s = _shared_bmm(_complex_block(mats["input_w"]).astype(x.dtype), t).reshape(h, 2, w, b, cin)
+  xr, xi = s[:, 0].reshape(hw, b, cin), s[:, 1].reshape(hw, b, cin)
+  # Per-frequency product Y = X K with 3 real batched GEMMs (Gauss).
+  def bmm(a, k):
+    return jax.lax.dot_general(a, k, (((2,), (1,)), ((0,), (0,))))
+  t1, t2, t3 = bmm(xr, k3[0]), bmm(xi, k3[1]), bmm(xr + xi, k3[2])
+  y = jnp.stack([(t1 - t2).reshape(h, w, b * cout), (t3 - t1 - t2).reshape(h, w, b * cout)], 1)
+  y = y.reshape(h, 2 * w, b * cout)                       # (u, (re/im, v), (b, o))
+  # Inverse W transform (complex), then the real part of the inverse H transform.
+  z = _shared_bmm(_complex_block(mats["output_w"]).astype(x.dtype), y)
+  z = z.reshape(2 * h, w * b * cout)                      # ((u, re/im), (w, b, o))
+  dh = mats["output_h"]
+  out = jnp.stack([dh.real, -dh.imag], -1).reshape(h, 2 * h).astype(x.dtype) @ z
+  return jnp.transpose(out.reshape(h, w, b, cout), (2, 0, 1, 3))
+
+
 class KOPS2D(nn.Module):
   """K-matrix convolution: a circular "same" conv computed FFT-style with learnable butterflies.
 
@@ -344,19 +399,18 @@ class KOPS2D(nn.Module):
     cols = (((kw - 1) // 2 - np.arange(kw)) % w)
     ch = butterfly_multiply(tw["kernel_h"], jnp.eye(h, dtype=cdtype)[rows], False)  # (kh, H)
     cw = butterfly_multiply(tw["kernel_w"], jnp.eye(w, dtype=cdtype)[cols], False)  # (kw, W)
-    khat = jnp.einsum("au,bv,abio->uvio", ch, cw, kernel.astype(cdtype))  # (H, W, Cin, Cout)
+    coef = jnp.einsum("au,bv->uvab", ch, cw).reshape(h * w, kh * kw)   # complex, tiny
 
     materialize = max(h, w) <= 64 if self.materialize is None else self.materialize
     if materialize:
       mats = {k: butterfly_to_dense(t, k.startswith("output")) for k, t in tw.items()}
-      xf = _matmul_axis(mats["input_w"], _matmul_axis(mats["input_h"], x, 1), 2)
-      y = jnp.einsum("buvi,uvio->buvo", xf, khat)
-      y = _matmul_axis(mats["output_w"], _matmul_axis(mats["output_h"], y, 1), 2)
+      y = _kops_dense(x, mats, coef, kernel.reshape(kh * kw, cin * self.features))
     else:
+      khat = (coef @ kernel.reshape(kh * kw, -1).astype(cdtype)).reshape(h, w, cin, -1)
       xf = _butterfly_axis(tw["input_w"], _butterfly_axis(tw["input_h"], x, 1, False), 2, False)
       y = jnp.einsum("buvi,uvio->buvo", xf, khat)
       y = _butterfly_axis(tw["output_w"], _butterfly_axis(tw["output_h"], y, 1, True), 2, True)
-    y = y.real
+      y = y.real
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     return y
