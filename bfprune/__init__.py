@@ -9,9 +9,11 @@ The public API, re-exported from its modules:
 * schedules (``bfprune.pruning.schedule``): ``prune``, ``make_score_fn``, ``density_schedule``;
 * metrics (``bfprune.metrics``): ``summary``, ``layer_table``, ``detect_collapse``, ``count_params``;
 * structured layers (``bfprune.structured``): ``butterfly_multiply``, ``butterfly_to_dense``,
-  ``ButterflyDense``, ``KMatrixDense``, ``FactorizedDense``, ``KOPS2D``;
+  ``ButterflyDense``, ``KMatrixDense``, ``FactorizedDense``, ``KOPS2D``; Monarch
+  (``bfprune.structured.monarch``): ``MonarchDense``, ``monarch_multiply``, ``monarch_to_dense``;
 * models (``bfprune.models``): ``FC``, ``VGG16``; training (``bfprune.train``), data
-  (``bfprune.data``) and checkpoints (``bfprune.checkpoint``) as modules.
+  (``bfprune.data``), checkpoints (``bfprune.checkpoint``) and sparse inference
+  (``bfprune.sparse``) as modules.
 """
 from bfprune import data, metrics, models, train
 from bfprune.metrics import count_params, detect_collapse, layer_table, summary
@@ -25,5 +27,6 @@ from bfprune.pruning.scores import (
 from bfprune.structured.butterfly import butterfly_multiply, butterfly_to_dense
 from bfprune.structured.layers import (
     ButterflyDense, FactorizedDense, KMatrixDense, KOPS2D)
+from bfprune.structured.monarch import MonarchDense, monarch_multiply, monarch_to_dense
 
 __version__ = "0.1.0"
