@@ -295,8 +295,8 @@ def _kops_dense(x: jax.Array, mats: dict[str, jax.Array], coef: jax.Array,
   (inverse) matrices acting as y = M x; coef (HW, kh kw) complex maps kernel taps to
   frequencies; kernel (kh kw, Cin Cout). Returns Re(out) (B, H, W, Cout).
 
-  Why this layout (measured on CPU, 1.2-1.8x faster per layer than complex einsums in NHWC): XLA's
-  complex dots are several times slower than real ones, so complex values are kept as
+  Why this layout (measured on CPU: 1.2-1.8x faster per layer than complex einsums in NHWC):
+  XLA's complex dots are several times slower than real ones, so complex values are kept as
   separate real and imaginary planes; activations are frequency-major (H, W, B, C) so the
   per-frequency product is one batched GEMM and every transform contracts a leading axis
   (no transposes inside XLA's dots); only the real part of the last transform is computed.
