@@ -58,7 +58,7 @@ def _check_shape(shape: Sequence[int], who: str) -> tuple[int, int, int, int]:
 
 
 def random(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-  """Gaussian twiddles with ``E|t|^2 = 1/2``: the product preserves ``E||x||^2`` (see module doc)."""
+  """Gaussian twiddles, ``E|t|^2 = 1/2``: the product preserves ``E||x||^2`` (see module doc)."""
   _check_shape(shape, "random")
   if jnp.issubdtype(dtype, jnp.complexfloating):
     # Real and imaginary parts each carry half the power (one draw: fewer RNG kernels).

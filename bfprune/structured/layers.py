@@ -157,7 +157,8 @@ class ButterflyDense(nn.Module):
     complex_twiddle: complex twiddles; None means "iff twiddle_init is a DFT init".
     return_complex: with complex twiddles, return the complex output (default: its real part,
       what a real network needs; the bias is real either way).
-    bit_reversal: permute the padded input by bit reversal first; None means "iff twiddle_init='fft'".
+    bit_reversal: permute the padded input by bit reversal first; None means
+      "iff twiddle_init='fft'".
   """
   features: int
   nblocks: int = 1
