@@ -218,3 +218,26 @@ def test_forward_rejects_unsupported_models(vgg_setup, fc_setup):
     sp.fc_apply_sparse({k: v for k, v in fc.items() if k != "head"}, jnp.zeros((1, 784)))
   with pytest.raises(ValueError, match="input features"):
     sp.fc_apply_sparse(fc, jnp.zeros((1, 100)))
+
+
+def test_bench_sparse_script_runs(tmp_path):
+  """experiments/bench_sparse.py end to end on a tiny FC set: rows, kept counts, crossover."""
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+  out = tmp_path / "rows.json"
+  script = Path(__file__).resolve().parents[1] / "experiments" / "bench_sparse.py"
+  subprocess.run([sys.executable, str(script), "--models=fc", "--fc_examples=64", "--repeats=1",
+                  "--compressions=1", "--sweep=2", "--fc_formats=bcsr", f"--out={out}"],
+                 check=True, capture_output=True, text=True, timeout=600)
+  rows = json.loads(out.read_text())
+  assert [r["compression"] for r in rows] == [1.0, 2.0]
+  for r in rows:
+    assert r["kept"] == M.kept_count(10 ** -r["compression"], 119_400)
+    assert r["dense"] > 0 and r["bcsr"] > 0 and r["empty_layers"] == []
+    d = r["crossover_bcsr_vs_dense"]
+    wins = [q["density"] for q in rows if q["bcsr"] < q["dense"]]
+    assert (d is None) == (not wins)
+    if wins:  # the crossover lies between the best losing and the largest winning density
+      assert max(wins) <= d <= max(q["density"] for q in rows)
