@@ -1,0 +1,257 @@
+"""butterfly_multiply against butterfly matrices built independently in numpy.
+
+Reference (Dao et al., Definitions 1-3): a butterfly factor of size k is [[D11, D12],
+[D21, D22]] with k/2 x k/2 diagonal blocks; a butterfly factor matrix of block size k is
+block-diagonal with n/k such factors; a butterfly matrix is the product B_n ... B_4 B_2 (an
+increasing-stride block applies B_2 first; a decreasing one B_n first). Twiddle
+(nstacks, nblocks, log2 n, n/2, 2, 2): factor l (applied l-th) has stride s = k/2, and
+twiddle[c, blk, l, j*s + i] holds entry i of the four diagonals of diagonal block j.
+"""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bfprune.structured import butterfly as bf
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def factor_matrix(t: np.ndarray, k: int) -> np.ndarray:
+  """Butterfly factor matrix B_k^(n) from t (n/2, 2, 2) (Definitions 1 and 2)."""
+  n, s = 2 * t.shape[0], k // 2
+  f = np.zeros((n, n), t.dtype)
+  for j in range(n // k):
+    d = t[j * s:(j + 1) * s]
+    f[j * k:(j + 1) * k, j * k:(j + 1) * k] = np.block(
+        [[np.diag(d[:, 0, 0]), np.diag(d[:, 0, 1])],
+         [np.diag(d[:, 1, 0]), np.diag(d[:, 1, 1])]])
+  return f
+
+
+def block_sizes(n: int, nblocks: int, increasing: bool) -> list[list[int]]:
+  """Block size k of every factor in application order, per block (directions alternate)."""
+  log_n = n.bit_length() - 1
+  out = []
+  for blk in range(nblocks):
+    inc = increasing if blk % 2 == 0 else not increasing
+    out.append([2 ** (l + 1) if inc else n // 2 ** l for l in range(log_n)])
+  return out
+
+
+def butterfly_matrix(tw: np.ndarray, increasing: bool) -> np.ndarray:
+  """(nstacks * n, n) matrix M of the whole layout; the multiply computes x @ M.T."""
+  nstacks, nblocks, log_n, half = tw.shape[:4]
+  n = 2 * half
+  stacks = []
+  for c in range(nstacks):
+    m = np.eye(n, dtype=tw.dtype)
+    for blk, ks in enumerate(block_sizes(n, nblocks, increasing)):
+      for l, k in enumerate(ks):
+        m = factor_matrix(tw[c, blk, l], k) @ m
+    stacks.append(m)
+  return np.concatenate(stacks, axis=0)
+
+
+def dense_jnp(increasing: bool, shape: tuple[int, ...]):
+  """Differentiable twiddle -> M with the same structure: the numpy builder applied to
+  entry indices gives, for every non-zero of every factor, which twiddle entry it holds."""
+  nstacks, nblocks, log_n, half = shape[:4]
+  n = 2 * half
+  idx = np.arange(1, int(np.prod(shape)) + 1).reshape(shape)
+  plan = []
+  for c in range(nstacks):
+    for blk, ks in enumerate(block_sizes(n, nblocks, increasing)):
+      for l, k in enumerate(ks):
+        f = factor_matrix(idx[c, blk, l], k)
+        rows, cols = np.nonzero(f)
+        plan.append((c, rows, cols, f[rows, cols] - 1))
+
+  def build(tw):
+    flat = tw.reshape(-1)
+    mats = [jnp.eye(n, dtype=tw.dtype) for _ in range(nstacks)]
+    for c, rows, cols, src in plan:
+      f = jnp.zeros((n, n), tw.dtype).at[rows, cols].set(flat[src])
+      mats[c] = f @ mats[c]
+    return jnp.concatenate(mats, axis=0)
+  return build
+
+
+KINDS = {  # (twiddle complex, x complex)
+    "real": (False, False), "complex": (True, True),
+    "complex_twiddle": (True, False), "complex_x": (False, True)}
+
+
+def make(rng, n, nstacks, nblocks, kind, batch, dtype=np.float32):
+  log_n = n.bit_length() - 1
+  shape = (nstacks, nblocks, log_n, n // 2, 2, 2)
+  ctw, cx = KINDS[kind]
+  cdtype = np.result_type(dtype, np.complex64)
+  tw = rng.standard_normal(shape).astype(dtype) / np.sqrt(2)
+  x = rng.standard_normal((batch, n)).astype(dtype)
+  if ctw:
+    tw = (tw + 1j * rng.standard_normal(shape) / np.sqrt(2)).astype(cdtype)
+  if cx:
+    x = (x + 1j * rng.standard_normal(x.shape)).astype(cdtype)
+  return tw, x
+
+
+def rel_err(got, want) -> float:
+  return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+
+
+# ----------------------------------------------------------------------------- forward
+
+# Every size and both stride orders; the layout variants rotate so that each nblocks,
+# nstacks, kind and batch (odd, one vector, several tiles) appears at several sizes.
+COMBOS = [(1, 1, "real", 5), (2, 2, "complex", 16), (3, 1, "complex_twiddle", 3),
+          (1, 2, "complex_x", 48), (2, 1, "real", 7), (3, 2, "real", 32),
+          (1, 1, "complex", 1)]
+CASES = [(n, inc) + COMBOS[i % len(COMBOS)]
+         for i, (n, inc) in enumerate(itertools.product([2, 4, 8, 16, 32, 64, 128, 256],
+                                                        [True, False]))]
+
+
+@pytest.mark.parametrize("n,inc,nblocks,nstacks,kind,batch", CASES)
+def test_matches_product_of_factor_matrices(n, inc, nblocks, nstacks, kind, batch):
+  rng = np.random.default_rng(n + 7 * nblocks + 13 * nstacks)
+  tw, x = make(rng, n, nstacks, nblocks, kind, batch)
+  y = bf.butterfly_multiply(tw, x, inc)
+  assert y.shape == (batch, nstacks * n)
+  assert y.dtype == jnp.result_type(tw.dtype, x.dtype)
+  want = x.astype(np.complex128) @ butterfly_matrix(tw.astype(np.complex128), inc).T
+  if not np.iscomplexobj(y):
+    want = want.real
+  assert rel_err(y, want) < 2e-5
+
+
+def test_batch_tiles_and_reference_einsum():
+  """A batch above MAX_LANES is split into tiles; the einsum reference agrees too."""
+  rng = np.random.default_rng(1)
+  batch = 3 * bf.MAX_LANES
+  tw, x = make(rng, 16, 2, 2, "real", batch)
+  want = x @ butterfly_matrix(tw, False).T
+  assert bf._lanes(batch) == bf.MAX_LANES
+  assert rel_err(bf.butterfly_multiply(tw, x, False), want) < 2e-5
+  assert rel_err(bf.butterfly_multiply_reference(tw, x, False), want) < 2e-5
+
+
+@pytest.mark.parametrize("kind", ["real", "complex", "complex_x"])
+def test_float64(kind):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(2)
+    for n, inc, nblocks in [(4, True, 1), (64, False, 2), (256, True, 3)]:
+      tw, x = make(rng, n, 2, nblocks, kind, 9, dtype=np.float64)
+      y = bf.butterfly_multiply(jnp.asarray(tw), jnp.asarray(x), inc)
+      assert y.dtype == (np.complex128 if kind != "real" else np.float64)
+      want = x @ butterfly_matrix(tw.astype(np.complex128), inc).T
+      if kind == "real":
+        want = want.real
+      assert rel_err(y, want) < 1e-12
+
+
+def test_mixed_precision_promotes():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    tw, x = make(rng, 8, 1, 1, "real", 4)
+    y = bf.butterfly_multiply(jnp.asarray(tw, jnp.float32), jnp.asarray(x, jnp.float64))
+    assert y.dtype == jnp.float64
+    g = jax.grad(lambda t: jnp.sum(bf.butterfly_multiply(t, jnp.asarray(x, jnp.float64))))(
+        jnp.asarray(tw, jnp.float32))
+    assert g.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("n", [2, 8, 32, 256])
+@pytest.mark.parametrize("inc", [True, False])
+def test_hadamard(n, inc):
+  """All twiddles [[1, 1], [1, -1]] give the Sylvester Hadamard matrix (either order)."""
+  log_n = n.bit_length() - 1
+  tw = np.broadcast_to(np.array([[1., 1.], [1., -1.]], np.float32),
+                       (1, 1, log_n, n // 2, 2, 2))
+  h = np.ones((1, 1))
+  for _ in range(log_n):
+    h = np.kron(h, np.array([[1., 1.], [1., -1.]]))
+  np.testing.assert_allclose(bf.butterfly_to_dense(jnp.asarray(tw), inc), h, atol=1e-5)
+  x = np.random.default_rng(n).standard_normal((6, n)).astype(np.float32)
+  np.testing.assert_allclose(bf.butterfly_multiply(jnp.asarray(tw), x, inc), x @ h.T,
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_to_dense_matches_reference():
+  rng = np.random.default_rng(4)
+  tw, _ = make(rng, 32, 2, 2, "complex_twiddle", 1)
+  np.testing.assert_allclose(bf.butterfly_to_dense(jnp.asarray(tw), False),
+                             butterfly_matrix(tw, False), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def _loss_fns(tw, x, inc, rng):
+  """Real losses of y = butterfly(tw, x): fast and dense-materialised reference."""
+  out_shape = (x.shape[0], tw.shape[0] * x.shape[1])
+  a = jnp.asarray(rng.standard_normal(out_shape).astype(np.float32))
+  b = jnp.asarray(rng.standard_normal(out_shape).astype(np.float32))
+  build = dense_jnp(inc, tw.shape)
+
+  def reduce(y):
+    return jnp.sum(jnp.real(y) * a) + (jnp.sum(jnp.imag(y) * b) if jnp.iscomplexobj(y) else 0)
+
+  fast = lambda t, v: reduce(bf.butterfly_multiply(t, v, inc))
+  ref = lambda t, v: reduce(v @ build(t).T)
+  return fast, ref
+
+
+GRAD_CASES = [(16, True, 1, 1, "real"), (16, False, 2, 2, "real"), (64, True, 3, 2, "real"),
+              (8, False, 2, 1, "complex"), (32, True, 1, 2, "complex_twiddle"),
+              (32, False, 2, 2, "complex_x"), (128, False, 1, 1, "complex")]
+
+
+@pytest.mark.parametrize("n,inc,nblocks,nstacks,kind", GRAD_CASES)
+def test_gradients_match_dense_reference(n, inc, nblocks, nstacks, kind):
+  rng = np.random.default_rng(n * nblocks + nstacks)
+  tw, x = make(rng, n, nstacks, nblocks, kind, 6)
+  tw, x = jnp.asarray(tw), jnp.asarray(x)
+  fast, ref = _loss_fns(tw, x, inc, rng)
+  got = jax.jit(jax.grad(fast, argnums=(0, 1)))(tw, x)
+  want = jax.grad(ref, argnums=(0, 1))(tw, x)
+  for g, w, p in zip(got, want, (tw, x)):
+    assert g.dtype == p.dtype and g.shape == p.shape
+    assert rel_err(g, np.asarray(w)) < 1e-4
+
+
+def test_second_order_forward_over_reverse():
+  """jvp of the gradient (GraSP's H g) and grad of a gradient norm match the reference."""
+  rng = np.random.default_rng(5)
+  tw, x = make(rng, 16, 2, 2, "real", 5)
+  tw, x = jnp.asarray(tw), jnp.asarray(x)
+  fast, ref = _loss_fns(tw, x, False, rng)
+  v = jnp.asarray(rng.standard_normal(tw.shape).astype(np.float32))
+  hv = lambda f: jax.jvp(lambda t: jax.grad(f)(t, x), (tw,), (v,))[1]
+  assert rel_err(jax.jit(lambda: hv(fast))(), np.asarray(hv(ref))) < 1e-4
+  gg = lambda f: jax.grad(lambda t: jnp.sum(jax.grad(f, argnums=1)(t, x) ** 2))(tw)
+  assert rel_err(jax.jit(lambda: gg(fast))(), np.asarray(gg(ref))) < 1e-4
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("tw_shape,x_shape,match", [
+    ((1, 1, 3, 4, 2, 2), (8,), "x must be"),
+    ((1, 1, 3, 4, 2, 2), (2, 2, 8), "x must be"),
+    ((1, 1, 3, 4, 2, 2), (2, 6), "power of 2"),
+    ((1, 1, 1, 1, 2, 2), (2, 1), "power of 2"),
+    ((1, 1, 2, 4, 2, 2), (2, 8), "twiddle must have shape"),
+    ((1, 1, 3, 2, 2, 2), (2, 8), "twiddle must have shape"),
+    ((1, 3, 4, 2, 2), (2, 8), "twiddle must have shape"),
+    ((1, 1, 3, 4, 2, 3), (2, 8), "twiddle must have shape"),
+    ((0, 1, 3, 4, 2, 2), (2, 8), "nstacks and nblocks"),
+])
+def test_bad_shapes_raise(tw_shape, x_shape, match):
+  with pytest.raises(ValueError, match=match):
+    bf.butterfly_multiply(jnp.zeros(tw_shape), jnp.zeros(x_shape))
