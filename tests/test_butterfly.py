@@ -92,7 +92,7 @@ def make(rng, n, nstacks, nblocks, kind, batch, dtype=np.float32):
   shape = (nstacks, nblocks, log_n, n // 2, 2, 2)
   ctw, cx = KINDS[kind]
   cdtype = np.result_type(dtype, np.complex64)
-  tw = rng.standard_normal(shape).astype(dtype) / np.sqrt(2)
+  tw = (rng.standard_normal(shape) / np.sqrt(2)).astype(dtype)
   x = rng.standard_normal((batch, n)).astype(dtype)
   if ctw:
     tw = (tw + 1j * rng.standard_normal(shape) / np.sqrt(2)).astype(cdtype)
@@ -123,7 +123,7 @@ def test_matches_product_of_factor_matrices(n, inc, nblocks, nstacks, kind, batc
   tw, x = make(rng, n, nstacks, nblocks, kind, batch)
   y = bf.butterfly_multiply(tw, x, inc)
   assert y.shape == (batch, nstacks * n)
-  assert y.dtype == jnp.result_type(tw.dtype, x.dtype)
+  assert y.dtype == np.result_type(tw.dtype, x.dtype)
   want = x.astype(np.complex128) @ butterfly_matrix(tw.astype(np.complex128), inc).T
   if not np.iscomplexobj(y):
     want = want.real
@@ -207,9 +207,9 @@ def _loss_fns(tw, x, inc, rng):
   return fast, ref
 
 
-GRAD_CASES = [(16, True, 1, 1, "real"), (16, False, 2, 2, "real"), (64, True, 3, 2, "real"),
-              (8, False, 2, 1, "complex"), (32, True, 1, 2, "complex_twiddle"),
-              (32, False, 2, 2, "complex_x"), (128, False, 1, 1, "complex")]
+GRAD_CASES = [(16, True, 1, 1, "real"), (32, True, 3, 2, "real"), (8, False, 2, 1, "complex"),
+              (16, True, 1, 2, "complex_twiddle"), (32, False, 2, 2, "complex_x"),
+              (128, False, 1, 1, "complex")]
 
 
 @pytest.mark.parametrize("n,inc,nblocks,nstacks,kind", GRAD_CASES)
@@ -228,7 +228,7 @@ def test_gradients_match_dense_reference(n, inc, nblocks, nstacks, kind):
 def test_second_order_forward_over_reverse():
   """jvp of the gradient (GraSP's H g) and grad of a gradient norm match the reference."""
   rng = np.random.default_rng(5)
-  tw, x = make(rng, 16, 2, 2, "real", 5)
+  tw, x = make(rng, 8, 2, 2, "real", 5)
   tw, x = jnp.asarray(tw), jnp.asarray(x)
   fast, ref = _loss_fns(tw, x, False, rng)
   v = jnp.asarray(rng.standard_normal(tw.shape).astype(np.float32))

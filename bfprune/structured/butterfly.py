@@ -47,6 +47,8 @@ import numpy as np
 # Largest pass radix, as log2. Radix 8 (three factors per pass) measured fastest at batch 256:
 # 8 multiply-adds per output element are still cheaper than a further pass over memory.
 MAX_RADIX_LOG = 3
+# Largest batch tile of the internal layout (see ``_lanes``).
+MAX_LANES = 512
 
 
 def _check(twiddle: jax.Array, x: jax.Array) -> tuple[int, int, int, int]:
@@ -98,10 +100,8 @@ def _group_matrix(factors: list[jax.Array], lo: int, m: int, inc: bool) -> jax.A
   """Product of the factors on bits lo .. lo+m-1 of one block, per group of rows.
 
   factors: the block's log_n twiddle factors in application order, each (C, n/2, 2, 2).
-  Returns M (C, R, R, N) indexed [c, o, u, r] (R = 2^m,
-  N = n / R): output bits o, input bits u of the group, and r = k * G + g the remaining row
-  bits in the order the Stockham pass sees them (k: the s = 2^lo bits below the group,
-  g: the G = N / s bits above it).
+  Returns M (C, G, R, R, s) indexed [c, g, o, u, k] (R = 2^m): output bits o and input bits
+  u of the group, g the G row bits above the group, k the s = 2^lo row bits below it.
 
   Each entry is a product of one twiddle entry per factor (a butterfly has exactly one path
   from input u to output o): factor q (bit q of the group) maps bit q from u_q to o_q, and
@@ -126,26 +126,59 @@ def _group_matrix(factors: list[jax.Array], lo: int, m: int, inc: bool) -> jax.A
     src = ["c", "g"] + above + below + ["k", f"o{q}", f"u{q}"]
     a_q = _expand_bits(t, src, dst)
     mat = a_q if mat is None else mat * a_q
-  mat = mat.reshape(c, g, 2 ** m, 2 ** m, s)
-  # [c, g, o, u, k] -> [c, o, u, k, g] -> [c, o, u, r] with r = k * G + g.
-  return jnp.transpose(mat, (0, 2, 3, 4, 1)).reshape(c, 2 ** m, 2 ** m, g * s)
+  return mat.reshape(c, g, 2 ** m, 2 ** m, s)
 
 
-def _plan(nblocks: int, log_n: int, increasing_stride: bool
-          ) -> list[tuple[int, int, int, bool]]:
-  """Passes in application order: (block, lo bit, m, increasing)."""
+def _groups(log_n: int) -> list[tuple[int, int]]:
+  """Bit groups (lo, m) of the row index, group j = bits lo .. lo+m-1, j = 0 lowest."""
+  out, lo = [], 0
+  for m in radix_plan(log_n):
+    out.append((lo, m))
+    lo += m
+  return out
+
+
+def _plan(nblocks: int, log_n: int, increasing_stride: bool) -> list[tuple[int, int, bool]]:
+  """Passes in application order: (block, group, increasing)."""
+  npass = len(radix_plan(log_n))
   passes = []
   for blk in range(nblocks):
     inc = increasing_stride if blk % 2 == 0 else not increasing_stride
-    lo = 0
-    groups = []
-    for m in radix_plan(log_n):
-      groups.append((lo, m))
-      lo += m
-    if not inc:  # a decreasing block starts at the top bits
-      groups = [(log_n - lo_ - m, m) for lo_, m in groups]
-    passes += [(blk, lo_, m, inc) for lo_, m in groups]
+    order = range(npass) if inc else reversed(range(npass))
+    passes += [(blk, j, inc) for j in order]
   return passes
+
+
+def _natural(npass: int) -> tuple[int, ...]:
+  """Row layout of natural order: groups from the most significant (top) down."""
+  return tuple(reversed(range(npass)))
+
+
+def _after(layout: tuple[int, ...], j: int, to_bottom: bool) -> tuple[int, ...]:
+  """Row layout after a pass on group j: j moved to the bottom, or left in place."""
+  if not to_bottom:
+    return layout
+  return tuple(g for g in layout if g != j) + (j,)
+
+
+# Which passes move their group to the bottom of the row index. A pass iterates over its
+# output rows in layout order and reads, per output row, the R rows of the input group: with
+# the group at (or near) the bottom the R outputs of one set of input rows are computed
+# together and every input row is read once. Passes that process groups top-down move them
+# to the bottom (after a whole block the order is natural again: a full rotation); passes
+# that process groups bottom-up leave them in place (the low groups already sit near the
+# bottom; a rotation would end the block in reversed group order and need a high-rank
+# transpose at the end, which XLA emits as a slow strided copy).
+def _to_bottom(top_down: bool) -> bool:
+  return top_down
+
+
+def _layouts(plan, npass: int) -> list[tuple[int, ...]]:
+  """Input row layout of every pass of the forward chain, plus the final one (natural)."""
+  lays = [_natural(npass)]
+  for _, j, inc in plan:
+    lays.append(_after(lays[-1], j, _to_bottom(not inc)))
+  return lays
 
 
 def _factors(twiddle: jax.Array, mat_dtype) -> list[list[jax.Array]]:
@@ -156,52 +189,93 @@ def _factors(twiddle: jax.Array, mat_dtype) -> list[list[jax.Array]]:
 
 def _pass_matrices(factors: list[list[jax.Array]], increasing_stride: bool
                    ) -> list[jax.Array]:
+  """Per pass, its matrix laid out as the pass reads it: (C, *other groups, R_o, R_u), the
+  other groups in the order of the pass's output layout."""
   log_n = len(factors[0])
-  return [_group_matrix(factors[blk], lo, m, inc)
-          for blk, lo, m, inc in _plan(len(factors), log_n, increasing_stride)]
+  groups = _groups(log_n)
+  plan = _plan(len(factors), log_n, increasing_stride)
+  sizes = [2 ** m for _, m in groups]
+  mats = []
+  for (blk, j, inc), lay in zip(plan, _layouts(plan, len(groups))):
+    lo, m = groups[j]
+    mat = _group_matrix(factors[blk], lo, m, inc)              # [c, g, o, u, k]
+    above, below = list(range(len(groups) - 1, j, -1)), list(range(j - 1, -1, -1))
+    mat = mat.reshape((mat.shape[0],) + tuple(sizes[a] for a in above) + (sizes[j],) * 2
+                      + tuple(sizes[a] for a in below))
+    axis = {a: 1 + i for i, a in enumerate(above)}
+    axis.update({a: 1 + len(above) + 2 + i for i, a in enumerate(below)})
+    o_ax = 1 + len(above)
+    mats.append(jnp.transpose(mat, [0] + [axis[a] for a in lay if a != j] + [o_ax, o_ax + 1]))
+  return mats
 
 
 # ------------------------------------------------------------------ passes over activations
 
 
-def _apply_pass(mat: jax.Array, h: jax.Array, inc: bool) -> jax.Array:
-  """One Stockham pass: h (Ci, n, B) -> (C, n, B), Ci in {1, C} (1: input shared by stacks).
+# Activations inside the multiply are (nt, C, n, T): the batch is split into nt tiles of T
+# lanes (usually one tile: T = batch) and every row i of a stack c is a contiguous vector of
+# the T lanes of one tile ("feature-major"): each factor combines whole rows i and i + s,
+# a broadcast multiply-add along the contiguous axis whatever the stride.
 
-  inc: h rows viewed [r, u] (u = the lowest bits), output rows [o, r].
-  dec: h rows viewed [u, r] (u = the highest bits), output rows [r, o].
+
+def _lanes(batch: int) -> int:
+  """Lanes T per tile: the whole batch up to MAX_LANES, else the largest power of 2 <=
+  MAX_LANES dividing it (if that is >= 16, else the whole batch). Long rows measured best
+  (tiles of 16 lanes made the batch reductions of the backward 2x slower); tiling only
+  keeps the transposes of very large batches to a bounded number of streams."""
+  if batch <= MAX_LANES:
+    return batch
+  t = math.gcd(batch, MAX_LANES)
+  return t if t >= 16 else batch
+
+
+def _view(h: jax.Array, layout: tuple[int, ...], sizes: list[int]) -> jax.Array:
+  """(nt, C, n, T) -> (nt, C, *group sizes in layout order, T)."""
+  return h.reshape(h.shape[:2] + tuple(sizes[g] for g in layout) + h.shape[-1:])
+
+
+def _apply_pass(mat: jax.Array, h: jax.Array, layout: tuple[int, ...], j: int,
+                sizes: list[int], to_bottom: bool) -> jax.Array:
+  """One pass on group j: h (nt, Ci, n, T) in ``layout`` -> (nt, C, n, T) in
+  ``_after(layout, j, to_bottom)``. Ci in {1, C} (1: the input shared by the stacks).
+
+  y[.., o, .., t] = sum_u M[.., o, u] h[.., u, .., t]: every output row is a broadcast
+  multiply-add of R whole input rows (contiguous vectors of lanes).
   """
-  c, r_, _, nn_ = mat.shape
-  ci, n, b = h.shape
-  if inc:
-    h4 = h.reshape(ci, nn_, r_, b)
-    mt = jnp.transpose(mat, (0, 2, 1, 3))                     # [c, u, o, r]
-    y = sum(mt[:, u, :, :, None] * h4[:, None, :, u] for u in range(r_))       # [c, o, r, b]
-  else:
-    h4 = h.reshape(ci, r_, nn_, b)
-    mt = jnp.transpose(mat, (0, 2, 3, 1))                     # [c, u, r, o]
-    y = sum(mt[:, u, :, :, None] * h4[:, u, :, None] for u in range(r_))       # [c, r, o, b]
-  return y.reshape(c, n, b)
+  hv = _view(h, layout, sizes)
+  ax = 2 + layout.index(j)
+  y = sum(mat[None, ..., u, None] * jax.lax.index_in_dim(hv, u, ax, keepdims=False)[..., None, :]
+          for u in range(sizes[j]))                           # [nt, c, *others, o, t]
+  if not to_bottom:
+    y = jnp.moveaxis(y, -2, ax)
+  return y.reshape(h.shape[0], mat.shape[0], -1, h.shape[-1])
 
 
-def _apply_pass_t(mat: jax.Array, g: jax.Array, inc: bool, ci: int) -> jax.Array:
-  """Transpose of ``_apply_pass`` (the input cotangent): g (C, n, B) -> (ci, n, B).
+def _apply_pass_t(mat: jax.Array, g: jax.Array, layout: tuple[int, ...], j: int,
+                  sizes: list[int], ci: int, fwd_layout: tuple[int, ...],
+                  to_bottom: bool) -> jax.Array:
+  """Transpose of a pass (input cotangent): g (nt, C, n, T) in ``layout`` -> (nt, ci, n, T)
+  in ``_after(layout, j, to_bottom)``. ``fwd_layout`` is the pass's forward input layout
+  (the order of the other groups in ``mat``).
 
   For ci == 1 (input shared by the stacks) the stack sum is part of the same elementwise
   expression: no reduce op (see ``_pass_matrix_grad`` for why reduces are avoided).
   """
-  c, r_, _, nn_ = mat.shape
-  _, n, b = g.shape
+  c = mat.shape[0]
+  others_fwd = [a for a in fwd_layout if a != j]
+  others = [a for a in layout if a != j]
+  nd = len(others)
+  # mat [c, *others_fwd, o, u] -> [c, *others, o, u]
+  mat = jnp.transpose(mat, [0] + [1 + others_fwd.index(a) for a in others] + [nd + 1, nd + 2])
+  gv = _view(g, layout, sizes)
+  ax = 1 + layout.index(j)                                     # in gv[:, k]
   stacks = [slice(None)] if ci == c else [slice(k, k + 1) for k in range(c)]
-  if inc:
-    g4 = g.reshape(c, r_, nn_, b)                              # [c, o, r, b]
-    mt = jnp.transpose(mat, (0, 1, 3, 2))                     # [c, o, r, u]
-    d = sum(mt[k, o, :, :, None] * g4[k, o, :, None]
-            for k in stacks for o in range(r_))               # [c, r, u, b]
-  else:
-    g4 = g.reshape(c, nn_, r_, b)                              # [c, r, o, b]
-    d = sum(mat[k, o, :, :, None] * g4[k, None, :, o]
-            for k in stacks for o in range(r_))               # [c, u, r, b]
-  return d.reshape(ci, n, b)
+  d = sum(mat[None, k, ..., o, :, None]
+          * jax.lax.index_in_dim(gv[:, k], o, ax + 1, keepdims=False)[..., None, :]
+          for k in stacks for o in range(sizes[j]))           # [nt, c, *others, u, t]
+  if not to_bottom:
+    d = jnp.moveaxis(d, -2, ax + 1)
+  return d.reshape(g.shape[0], ci, -1, g.shape[-1])
 
 
 def _sum_pair(xs: tuple[jax.Array, jax.Array], axis: int) -> tuple[jax.Array, jax.Array]:
@@ -216,55 +290,68 @@ def _sum_pair(xs: tuple[jax.Array, jax.Array], axis: int) -> tuple[jax.Array, ja
   return jax.lax.reduce(xs, (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), (axis,))
 
 
-def _pass_matrix_grad(g: jax.Array, h: jax.Array, inc: bool, r_: int) -> jax.Array:
-  """dM[c, o, u, r] = sum_b g[c, (o, r), b] h[c, (u, r), b]: a batch reduction per entry.
+def _pass_matrix_grad(g: jax.Array, h: jax.Array, g_layout: tuple[int, ...],
+                      h_layout: tuple[int, ...], j: int, sizes: list[int]) -> jax.Array:
+  """dM[c, .., o, u] = sum over the batch of g[.., c, ..(o).., t] h[.., c, ..(u).., t].
 
-  g: (C, n, B) cotangent of the pass output, h: (Ci, n, B) pass input (Ci in {1, C}).
-  The batch is split as b = (b_hi, b_lo) with b_lo <= 16 lanes: the first reduce sums over
-  b_hi and keeps b_lo as the contiguous (SIMD) axis, the second sums the lanes; a single
-  reduce over the contiguous axis is a serial add chain (no reassociation without fast
-  math) and measured 3-5x slower. The product is never materialised (fused into the reduce).
+  g: (nt, C, n, T) cotangent of the pass output in ``g_layout``; h: (nt, Ci, n, T) the
+  pass input (Ci in {1, C}) in ``h_layout`` (the pass's forward input layout, which also
+  orders the other groups of the result, as in the pass matrix). First reduce: over the
+  tiles, keeping the T lanes as the contiguous (SIMD) axis; second: over the lanes. (One
+  reduce over a contiguous axis is a serial add chain without fast math: 3-5x slower.)
+  The product is never materialised (fused into the reduce).
   """
-  c, n, b = g.shape
-  ci = h.shape[0]
-  nn_ = n // r_
-  lanes = math.gcd(b, 16)
-  if inc:
-    g6 = g.reshape(c, r_, 1, nn_, b // lanes, lanes)
-    h6 = jnp.transpose(h.reshape(ci, nn_, r_, b // lanes, lanes), (0, 2, 1, 3, 4))[:, None]
-  else:
-    g6 = jnp.transpose(g.reshape(c, nn_, r_, b // lanes, lanes), (0, 2, 1, 3, 4))[:, :, None]
-    h6 = h.reshape(ci, 1, r_, nn_, b // lanes, lanes)
-  prod = g6 * h6                                              # [c, o, u, r, b_hi, b_lo]
-  half = r_ // 2                                              # the two reduce operands: o halves
-  parts = _sum_pair((prod[:, :half], prod[:, half:]), 4)
-  parts = _sum_pair(parts, 4)
-  return jnp.concatenate(parts, axis=1)
+  others = [a for a in h_layout if a != j]
+
+  t = g.shape[-1]
+  lanes = math.gcd(t, 16)
+
+  def canon(v, layout):  # -> [c, *others, group j, tiles, t_hi, t_lo]
+    v = _view(v, layout, sizes)
+    v = jnp.transpose(v, [1] + [2 + layout.index(a) for a in others + [j]] + [0, v.ndim - 1])
+    return v.reshape(v.shape[:-1] + (t // lanes, lanes))
+
+  gv = canon(g, g_layout)[..., :, None, :, :, :]             # [c, .., o, 1, nt, t_hi, t_lo]
+  hv = canon(h, h_layout)[..., None, :, :, :, :]             # [c, .., 1, u, nt, t_hi, t_lo]
+  prod = gv * hv
+  half = sizes[j] // 2                                        # the two reduce operands: o halves
+  o_ax = prod.ndim - 5
+  zero = jnp.zeros((), prod.dtype)
+  parts = jax.lax.reduce((jax.lax.slice_in_dim(prod, 0, half, axis=o_ax),
+                          jax.lax.slice_in_dim(prod, half, sizes[j], axis=o_ax)),
+                         (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]),
+                         (prod.ndim - 3, prod.ndim - 2))     # over tiles and t_hi
+  parts = _sum_pair(parts, prod.ndim - 3)                     # over the lanes
+  return jnp.concatenate(parts, axis=o_ax)
 
 
-def _backward_step(mat, g, h, inc):
-  """(input cotangent, pass-matrix gradient) of one pass; g (C, n, B), h (Ci, n, B)."""
-  return (_apply_pass_t(mat, g, inc, h.shape[0]),
-          _pass_matrix_grad(g, h, inc, mat.shape[1]))
+def _backward_step(mat, g, h, g_layout, h_layout, j, sizes, to_bottom):
+  """(input cotangent, pass-matrix gradient) of one pass; g (nt, C, n, T), h (nt, Ci, n, T)."""
+  return (_apply_pass_t(mat, g, g_layout, j, sizes, h.shape[1], h_layout, to_bottom),
+          _pass_matrix_grad(g, h, g_layout, h_layout, j, sizes))
 
 
-def _barrier(fn, *args):
+def _barrier(fn, key: jax.Array, *args):
   """fn(*args) inside an XLA conditional, so that its result is materialised exactly once.
 
-  Both branches are ``fn``: the predicate (true unless args[0] starts with a NaN) cannot
+  Both branches are ``fn``: the predicate (true unless ``key`` starts with a NaN) cannot
   change the result, it only has to be unknown at compile time. Without it XLA fuses a
   pass into the next one (recomputing elements 2^m times) and fuses the layout transposes
-  into the batch reductions (strided reads, 20x slower).
+  into the batch reductions (strided reads, 20x slower). ``key`` should be the large input:
+  reading one element of it outside the conditional makes XLA materialise it in row-major
+  layout there (a conditional's operands are otherwise free to keep a transposed layout,
+  and the transpose then runs inside the branch as a slow strided copy).
   """
-  first = args[0].reshape(-1)[0]
+  first = key.reshape(-1)[0]
   return jax.lax.cond(first == first, fn, fn, *args)
 
 
-def _run_passes(mats, plan, h):
+def _run_passes(mats, plan, sizes, h):
   hs = []
-  for mat, (_, _, _, inc) in zip(mats, plan):
+  for mat, (_, j, inc), lay in zip(mats, plan, _layouts(plan, len(sizes))):
     hs.append(h)
-    h = _barrier(functools.partial(_apply_pass, inc=inc), mat, h)
+    h = _barrier(functools.partial(_apply_pass, layout=lay, j=j, sizes=sizes,
+                                   to_bottom=_to_bottom(not inc)), h, mat, h)
   return h, hs
 
 
@@ -278,24 +365,30 @@ def _dtypes(twiddle: jax.Array, x: jax.Array):
   return dtype, mat_dtype
 
 
-def _to_feature_major(x: jax.Array, dtype) -> jax.Array:
-  """x (B, n) -> (1, n, B) in ``dtype``."""
-  return x.T.astype(dtype)[None]
+def _to_tiles(x: jax.Array, dtype) -> jax.Array:
+  """x (B, n) -> (nt, 1, n, T) in ``dtype``: T-row transposes, 16 streams at a time."""
+  b, n = x.shape
+  t = _lanes(b)
+  return jnp.transpose(x.astype(dtype).reshape(b // t, t, 1, n), (0, 2, 3, 1))
 
 
-def _to_out(h: jax.Array) -> jax.Array:
-  """h (C, n, B) -> (B, C * n)."""
-  c, n, b = h.shape
-  return jnp.transpose(h, (2, 0, 1)).reshape(b, c * n)
+def _from_tiles(h: jax.Array, layout: tuple[int, ...], sizes: list[int]) -> jax.Array:
+  """h (nt, C, n, T) with rows in ``layout`` -> (B, C * n) with rows in natural order."""
+  nt, c, _, t = h.shape
+  v = _view(h, layout, sizes)
+  nat = _natural(len(sizes))
+  v = jnp.transpose(v, [0, v.ndim - 1, 1] + [2 + layout.index(a) for a in nat])
+  return v.reshape(nt * t, -1)
 
 
 def _forward(twiddle, x, increasing_stride):
   dtype, mat_dtype = _dtypes(twiddle, x)
   mats = _pass_matrices(_factors(twiddle, mat_dtype), increasing_stride)
   plan = _plan(twiddle.shape[1], twiddle.shape[2], increasing_stride)
-  h0 = _to_feature_major(x, dtype)                              # (1, n, B)
-  h, hs = _run_passes(mats, plan, h0)
-  return _to_out(h), hs
+  sizes = [2 ** m for _, m in _groups(twiddle.shape[2])]
+  h0 = _to_tiles(x, dtype)                                      # (nt, 1, n, T)
+  h, hs = _run_passes(mats, plan, sizes, h0)
+  return _from_tiles(h, _layouts(plan, len(sizes))[-1], sizes), hs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -319,29 +412,37 @@ def _cotangent(ct: jax.Array, dtype) -> jax.Array:
 def _butterfly_bwd(increasing_stride, res, gy):
   twiddle, hs, x_witness = res
   dtype = hs[0].dtype
-  c = twiddle.shape[0]
+  c, log_n = twiddle.shape[0], twiddle.shape[2]
   b = gy.shape[0]
-  n = hs[0].shape[1]
-  plan = _plan(twiddle.shape[1], twiddle.shape[2], increasing_stride)
+  plan = _plan(twiddle.shape[1], log_n, increasing_stride)
+  sizes = [2 ** m for _, m in _groups(log_n)]
+  fwd_layouts = _layouts(plan, len(sizes))
   _, mat_dtype = _dtypes(twiddle, x_witness)
   # Autodiff of the tiny matrix construction w.r.t. the individual factors; the twiddle
   # cotangent is then assembled by stacking (differentiating the slicing instead would
   # add one zero-padded twiddle-sized array per factor).
   mats, mats_vjp = jax.vjp(lambda f: _pass_matrices(f, increasing_stride),
                            _factors(twiddle, mat_dtype))
-  g = jnp.transpose(gy.astype(dtype).reshape(b, c, n), (1, 2, 0))  # (C, n, B)
+  # The cotangent chain has its own row layouts (each step writes its group at the bottom).
+  g_layout = _natural(len(sizes))
+  t = _lanes(b)
+  g = jnp.transpose(gy.astype(dtype).reshape(b // t, t, c, -1), (0, 2, 3, 1))  # (nt, C, n, T)
   dmats = [None] * len(plan)
   for i in reversed(range(len(plan))):
-    inc = plan[i][3]
-    mat, h = mats[i], hs[i]
+    _, j, inc = plan[i]
+    to_bottom = _to_bottom(inc)   # the backward visits a block's groups in reverse order
     # One conditional per step: both consumers of g (and of h) live inside it, so a
     # transposed layout XLA may pick for them is converted once, not read strided.
-    g, dm = _barrier(functools.partial(_backward_step, inc=inc), mat, g, h)
+    g, dm = _barrier(functools.partial(_backward_step, g_layout=g_layout,
+                                       h_layout=fwd_layouts[i], j=j, sizes=sizes,
+                                       to_bottom=to_bottom),
+                     g, mats[i], g, hs[i])
+    g_layout = _after(g_layout, j, to_bottom)
     dmats[i] = _cotangent(dm, mat_dtype)
   (dfactors,) = mats_vjp(dmats)
   dtwiddle = _cotangent(jnp.stack([jnp.stack(df, axis=1) for df in dfactors], axis=1),
                         twiddle.dtype)
-  dx = _cotangent(g[0].T, x_witness.dtype)
+  dx = _cotangent(_from_tiles(g, g_layout, sizes), x_witness.dtype)
   return dtwiddle, dx
 
 
