@@ -17,7 +17,10 @@ Bytes counted for the butterfly (itemsize 4 for float32), with P = radix passes 
               cotangent, the pass-matrix gradient reads g and the saved input; plus the two
               transposes of the cotangents)
 The tiny pass matrices (n * radix entries per pass) are not counted. Copy bandwidth is
-(read + write) / time of ``a * 2`` on a --copy_mib MiB float32 array.
+(read + write) / time of ``a * 2`` (input donated, so no fresh pages) on an array of one
+activation (batch x n float32, per n) and on a --copy_mib MiB array (beyond the L3 cache).
+The round-robin timing runs the dense GEMMs between the butterfly calls, so the butterfly
+usually starts with a cold cache, as it would inside a network.
 
 Usage: python experiments/bench_butterfly.py --batch=256 --sizes=256,1024,4096,8192
 """
@@ -63,10 +66,20 @@ def _fwd_bwd(fn):
   return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def _copy_gbs() -> float:
-  a = jnp.ones((FLAGS.copy_mib * 2 ** 18,), jnp.float32)
-  ms = _median_ms({"copy": (jax.jit(lambda v: v * 2), (a,))})["copy"]
-  return 2 * a.nbytes / (ms * 1e-3) / 1e9
+def _copy_gbs(nbytes: int) -> float:
+  """(read + write) / time of ``a * 2`` on a float32 array of nbytes, in GB/s. The input is
+  donated and the output fed back, so no call touches freshly mapped memory (page faults
+  would otherwise dominate above glibc's 32 MiB mmap threshold)."""
+  f = jax.jit(lambda v: v * 2, donate_argnums=0)
+  a = jnp.ones((nbytes // 4,), jnp.float32)
+  for _ in range(1 + FLAGS.warmup):
+    a = jax.block_until_ready(f(a))
+  times = []
+  for _ in range(FLAGS.repeats):
+    t0 = time.perf_counter()
+    a = jax.block_until_ready(f(a))
+    times.append(time.perf_counter() - t0)
+  return 2 * nbytes / float(np.median(times)) / 1e9
 
 
 def main(argv):
@@ -74,7 +87,7 @@ def main(argv):
   b = FLAGS.batch
   key = jax.random.PRNGKey(0)
   rows = []
-  copy_before = _copy_gbs()
+  copy_before = _copy_gbs(FLAGS.copy_mib * 2 ** 20)
   for n in (int(s) for s in FLAGS.sizes):
     log_n = n.bit_length() - 1
     k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, n), 4)
@@ -98,18 +111,19 @@ def main(argv):
     t = _median_ms(cases)
     npass = len(bf.radix_plan(log_n))
     unit = b * n * 4
+    t["copy"] = _copy_gbs(unit)
     t["gbs"] = 2 * (npass + 2) * unit / (t["bf"] * 1e-3) / 1e9
     t["gbs_fb"] = (2 * (npass + 2) + 4 * npass + 4) * unit / (t["bf_fb"] * 1e-3) / 1e9
     t["n"], t["plan"] = n, "+".join(str(m) for m in bf.radix_plan(log_n))
     rows.append(t)
     print(f"n={n} done", flush=True)
-  copy_after = _copy_gbs()
+  copy_after = _copy_gbs(FLAGS.copy_mib * 2 ** 20)
 
   print(f"\nbatch {b}, float32, {jax.devices()[0].device_kind}, median of {FLAGS.repeats} "
         f"(ms). Copy bandwidth ({FLAGS.copy_mib} MiB, read + write): "
         f"{copy_before:.1f} GB/s before, {copy_after:.1f} GB/s after.")
   head = (f"{'n':>6} {'radix':>9} | {'dense':>8} {'bfly':>7} {'x':>6} | {'dense f+b':>9} "
-          f"{'bfly f+b':>8} {'x':>6} | {'fwd GB/s':>8} {'f+b GB/s':>8}")
+          f"{'bfly f+b':>8} {'x':>6} | {'fwd GB/s':>8} {'f+b GB/s':>8} {'copy GB/s':>9}")
   if FLAGS.reference:
     head += f" | {'ref':>8} {'ref f+b':>8}"
   print(head)
@@ -117,11 +131,13 @@ def main(argv):
   for t in rows:
     line = (f"{t['n']:>6} {t['plan']:>9} | {t['dense']:>8.2f} {t['bf']:>7.2f} "
             f"{t['dense'] / t['bf']:>6.1f} | {t['dense_fb']:>9.2f} {t['bf_fb']:>8.2f} "
-            f"{t['dense_fb'] / t['bf_fb']:>6.1f} | {t['gbs']:>8.1f} {t['gbs_fb']:>8.1f}")
+            f"{t['dense_fb'] / t['bf_fb']:>6.1f} | {t['gbs']:>8.1f} {t['gbs_fb']:>8.1f} "
+            f"{t['copy']:>9.1f}")
     if FLAGS.reference:
       line += f" | {t['ref']:>8.2f} {t['ref_fb']:>8.2f}"
     print(line)
-  print("x = dense time / butterfly time. radix: factors per pass (log2 of the radix).")
+  print("x = dense time / butterfly time. radix: factors per pass (log2 of the radix). "
+        "copy GB/s: copy of one batch x n float32 activation, same run.")
 
 
 if __name__ == "__main__":

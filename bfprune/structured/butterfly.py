@@ -8,30 +8,37 @@ and ``[y_i, y_{i+s}] = twiddle[..., l, p] @ [x_i, x_{i+s}]``. Successive blocks 
 stride direction. Stacks are independent butterflies of the same input, concatenated.
 
 How the fast version works (measured on a 2-core CPU, see experiments/bench_butterfly.py):
-* Feature-major layout. x (batch, n) is transposed once to h (n, batch); every factor then
-  combines whole rows h[i] and h[i + s], contiguous vectors of length batch, so each step is
-  a broadcast multiply-add along the contiguous axis whatever the stride (in batch-major
-  layout the small strides shuffle inside SIMD vectors and cost several times more).
-* Radix-2^m passes. m consecutive factors of a block (bits lo .. lo+m-1 of the row index)
-  are multiplied into one (2^m x 2^m) matrix per group of rows (tiny, built from the
-  twiddles); one pass over h applies it with 2^m multiply-adds per output element. Same
-  arithmetic as m radix-2 steps, 1/m of the memory traffic.
-* Stockham ordering. A pass always mixes the lowest (increasing stride) or highest
-  (decreasing stride) m bits of the *physical* row index and writes its outputs with those
-  bits moved to the other end, so the next pass finds its bits in the same place; after a
-  whole block the bit rotation is complete and the order is natural again.
-* One conditional per pass. XLA's CPU fuser happily fuses a pass into the next one and then
-  recomputes every element of the first 2^m times (the "2^L recompute" trap); an XLA
-  conditional is never fused, so each pass runs inside ``lax.cond`` (both branches the same
-  pass, so the predicate does not matter) and is materialised exactly once. This costs no
-  copy, unlike a scan over passes.
-* ``jax.custom_vjp``: the backward pass of a pass is the transposed pass (same structure,
-  matrices transposed) for the input gradient, and one fused batch reduction
-  dM[o, u, r] = sum_b g[o, r, b] h[u, r, b] for the pass matrix; the twiddle gradient
-  follows from dM through the (tiny) matrix construction by ordinary autodiff. Activations
-  are saved once per pass (not per factor). The backward is itself differentiable
-  (reverse-over-reverse and forward-over-reverse, e.g. GraSP's H g, work); plain forward
-  mode (``jax.jvp`` of the multiply itself) is not supported by custom_vjp.
+* Feature-major layout. x (batch, n) is transposed once to h (n, batch) (the batch is cut
+  into tiles only above MAX_LANES); every factor then combines whole rows h[i] and h[i+s],
+  contiguous vectors of the batch, so each step is a broadcast multiply-add along the
+  contiguous axis whatever the stride (in batch-major layout the small strides shuffle
+  inside SIMD vectors and cost several times more).
+* Radix-8 passes. The row index is cut into bit groups (``radix_plan``: 3 bits, fewer for
+  the remainder); the factors of one block on one group are multiplied into one
+  (R x R) matrix per setting of the other row bits (tiny: n R entries, each a product of one
+  twiddle per factor); one pass over h applies it with R multiply-adds per output element:
+  the arithmetic of 3 radix-2 steps at 1/3 of the memory traffic.
+* Row layouts. A pass writes its output with its group at the bottom of the row index when
+  the block visits groups top-down, in place when bottom-up: either way the R outputs of
+  one set of input rows are computed together, every input row is read once, and the rows
+  are in natural order again at the end of every block (no permuting transposes). The
+  current layout of every intermediate is tracked at trace time.
+* One conditional per pass. XLA's CPU fuser fuses a pass into the next one and recomputes
+  every element of the first R times (the "2^L recompute" trap; optimization_barrier is
+  removed before fusion on CPU); an XLA conditional is never fused, so each pass runs in
+  ``lax.cond`` (both branches the same pass, so the predicate does not matter) and is
+  materialised exactly once. No copy, unlike a scan over passes.
+* ``jax.custom_vjp``: the input cotangent of a pass is the transposed pass (same structure,
+  matrices transposed); the pass-matrix gradient is one fused batch reduction
+  dM[.., o, u] = sum_b g[.., o, .., b] h[.., u, .., b]; the twiddle gradient follows from
+  dM through the (tiny) matrix construction by ordinary autodiff. Activations are saved
+  once per pass (not per factor). The backward is itself differentiable (reverse-over-
+  reverse, and forward-over-reverse such as GraSP's H g); plain forward mode (``jax.jvp`` of
+  the multiply itself) is not supported by custom_vjp.
+* jaxlib 0.10.2 specifics: large single-operand sum-reduces go to YNNPACK, which gave wrong
+  sums for some broadcast-product shapes, crashed on high-rank ones, and its worker threads
+  slowed everything else on this busy 2-core machine; every reduce here is therefore a
+  variadic (two-operand) reduce, which XLA emits itself, and no broadcast is differentiated.
 Complex numbers follow JAX's convention: cotangents are transposes, not adjoints, so the
 result matches ``jax.grad`` of the straightforward implementation.
 """
@@ -81,27 +88,30 @@ def radix_plan(log_n: int, max_radix_log: int = MAX_RADIX_LOG) -> tuple[int, ...
 # ------------------------------------------------------------------ pass matrices (tiny)
 
 
-def _expand_bits(t: jax.Array, src: list[str], dst: list[str]) -> jax.Array:
+def _expand_bits(t: jax.Array, src: list[str], dst: list[str], copies: bool) -> jax.Array:
   """Reorders the named axes of t to ``dst``; an axis of dst missing from src (always a
-  size-2 bit) becomes two stacked copies.
+  size-2 bit) is a broadcast, or two stacked copies if ``copies``.
 
-  Stacking, not broadcasting: the VJP of a copy is slices and adds, whereas the VJP of a
-  broadcast is a reduce, and jaxlib 0.10.2 sends such reduces to YNNPACK, which crashed on
-  these high-rank shapes (upstream jax #39257).
+  Copies where the construction is differentiated: the VJP of a copy is slices and adds,
+  whereas the VJP of a broadcast is a reduce, and jaxlib 0.10.2 sends such reduces to
+  YNNPACK, which crashed on these high-rank shapes (upstream jax #39257). Broadcasts (one
+  fused op instead of a chain of small ones) where it is not: the plain forward.
   """
   t = jnp.transpose(t, [src.index(a) for a in dst if a in src])
   for pos, a in enumerate(dst):
     if a not in src:
-      t = jnp.stack([t, t], axis=pos)
-  return t
+      t = jnp.stack([t, t], axis=pos) if copies else jnp.expand_dims(t, pos)
+  return t if copies else jnp.broadcast_to(t, tuple(2 if a not in src else d for a, d in
+                                                     zip(dst, t.shape)))
 
 
-def _group_matrix(factors: list[jax.Array], lo: int, m: int, inc: bool) -> jax.Array:
-  """Product of the factors on bits lo .. lo+m-1 of one block, per group of rows.
+def _group_matrix(factors: list[jax.Array], sizes: list[int], j: int, inc: bool,
+                  layout: tuple[int, ...], copies: bool) -> jax.Array:
+  """Product of the factors on group j of one block, laid out as the pass reads it.
 
-  factors: the block's log_n twiddle factors in application order, each (C, n/2, 2, 2).
-  Returns M (C, G, R, R, s) indexed [c, g, o, u, k] (R = 2^m): output bits o and input bits
-  u of the group, g the G row bits above the group, k the s = 2^lo row bits below it.
+  factors: the block's log_n twiddle factors in application order, each (C, n/2, 2, 2);
+  sizes: group sizes (group 0 = lowest bits); layout: the pass's input row layout.
+  Returns M (C, *other groups in layout order, R_o, R_u): output / input bits of group j.
 
   Each entry is a product of one twiddle entry per factor (a butterfly has exactly one path
   from input u to output o): factor q (bit q of the group) maps bit q from u_q to o_q, and
@@ -110,23 +120,26 @@ def _group_matrix(factors: list[jax.Array], lo: int, m: int, inc: bool) -> jax.A
   """
   log_n = len(factors)
   c = factors[0].shape[0]
-  s = 2 ** lo
-  g = (2 ** log_n) // (2 ** m * s)
-  obits = [f"o{j}" for j in reversed(range(m))]     # most significant first
-  ubits = [f"u{j}" for j in reversed(range(m))]
-  dst = ["c", "g"] + obits + ubits + ["k"]
+  m = sizes[j].bit_length() - 1
+  lo = sum(sz.bit_length() - 1 for sz in sizes[:j])
+  above = [f"G{a}" for a in range(len(sizes) - 1, j, -1)]   # natural order: most significant
+  below = [f"G{a}" for a in range(j - 1, -1, -1)]
+  obits = [f"o{b}" for b in reversed(range(m))]
+  ubits = [f"u{b}" for b in reversed(range(m))]
+  dst = ["c"] + [f"G{a}" for a in layout if a != j] + obits + ubits
+  shape = {f"G{a}": sizes[a] for a in range(len(sizes))}
   mat = None
   for q in range(m):
     l = lo + q if inc else log_n - 1 - (lo + q)
-    # Pair p = J * 2^(lo+q) + K with J = (g, bits above q) and K = (bits below q, k).
-    t = factors[l].reshape((c, g) + (2,) * (m - 1) + (s, 2, 2))
-    # Bits above q are outputs if applied before q (decreasing order), else inputs.
-    above = [("o" if not inc else "u") + str(j) for j in reversed(range(q + 1, m))]
-    below = [("o" if inc else "u") + str(j) for j in reversed(range(q))]
-    src = ["c", "g"] + above + below + ["k", f"o{q}", f"u{q}"]
-    a_q = _expand_bits(t, src, dst)
+    # Pair p = J * 2^(lo+q) + K with J = (groups above, bits above q) and
+    # K = (bits below q, groups below): a pure reshape of the factor.
+    hi = [("o" if not inc else "u") + str(b) for b in reversed(range(q + 1, m))]
+    low = [("o" if inc else "u") + str(b) for b in reversed(range(q))]
+    src = ["c"] + above + hi + low + below + [f"o{q}", f"u{q}"]
+    t = factors[l].reshape((c,) + tuple(shape.get(a, 2) for a in src[1:]))
+    a_q = _expand_bits(t, src, dst, copies)
     mat = a_q if mat is None else mat * a_q
-  return mat.reshape(c, g, 2 ** m, 2 ** m, s)
+  return mat.reshape(mat.shape[:len(dst) - 2 * m] + (2 ** m, 2 ** m))
 
 
 def _groups(log_n: int) -> list[tuple[int, int]]:
@@ -187,26 +200,15 @@ def _factors(twiddle: jax.Array, mat_dtype) -> list[list[jax.Array]]:
   return [[tw[:, blk, l] for l in range(tw.shape[2])] for blk in range(tw.shape[1])]
 
 
-def _pass_matrices(factors: list[list[jax.Array]], increasing_stride: bool
-                   ) -> list[jax.Array]:
+def _pass_matrices(factors: list[list[jax.Array]], increasing_stride: bool,
+                   copies: bool = True) -> list[jax.Array]:
   """Per pass, its matrix laid out as the pass reads it: (C, *other groups, R_o, R_u), the
-  other groups in the order of the pass's output layout."""
+  other groups in the order of the pass's input layout (see ``_expand_bits`` for copies)."""
   log_n = len(factors[0])
-  groups = _groups(log_n)
+  sizes = [2 ** m for _, m in _groups(log_n)]
   plan = _plan(len(factors), log_n, increasing_stride)
-  sizes = [2 ** m for _, m in groups]
-  mats = []
-  for (blk, j, inc), lay in zip(plan, _layouts(plan, len(groups))):
-    lo, m = groups[j]
-    mat = _group_matrix(factors[blk], lo, m, inc)              # [c, g, o, u, k]
-    above, below = list(range(len(groups) - 1, j, -1)), list(range(j - 1, -1, -1))
-    mat = mat.reshape((mat.shape[0],) + tuple(sizes[a] for a in above) + (sizes[j],) * 2
-                      + tuple(sizes[a] for a in below))
-    axis = {a: 1 + i for i, a in enumerate(above)}
-    axis.update({a: 1 + len(above) + 2 + i for i, a in enumerate(below)})
-    o_ax = 1 + len(above)
-    mats.append(jnp.transpose(mat, [0] + [axis[a] for a in lay if a != j] + [o_ax, o_ax + 1]))
-  return mats
+  return [_group_matrix(factors[blk], sizes, j, inc, lay, copies)
+          for (blk, j, inc), lay in zip(plan, _layouts(plan, len(sizes)))]
 
 
 # ------------------------------------------------------------------ passes over activations
@@ -331,27 +333,29 @@ def _backward_step(mat, g, h, g_layout, h_layout, j, sizes, to_bottom):
           _pass_matrix_grad(g, h, g_layout, h_layout, j, sizes))
 
 
-def _barrier(fn, key: jax.Array, *args):
+def _predicate(a: jax.Array) -> jax.Array:
+  """A boolean XLA cannot evaluate at compile time (true unless a starts with a NaN)."""
+  first = a.reshape(-1)[0]
+  return first == first
+
+
+def _barrier(fn, pred: jax.Array, *args):
   """fn(*args) inside an XLA conditional, so that its result is materialised exactly once.
 
-  Both branches are ``fn``: the predicate (true unless ``key`` starts with a NaN) cannot
-  change the result, it only has to be unknown at compile time. Without it XLA fuses a
-  pass into the next one (recomputing elements 2^m times) and fuses the layout transposes
-  into the batch reductions (strided reads, 20x slower). ``key`` should be the large input:
-  reading one element of it outside the conditional makes XLA materialise it in row-major
-  layout there (a conditional's operands are otherwise free to keep a transposed layout,
-  and the transpose then runs inside the branch as a slow strided copy).
+  Both branches are ``fn``, so the predicate (``_predicate``, computed once per call)
+  cannot change the result; it only has to be unknown at compile time. Without this XLA
+  fuses a pass into the next one (recomputing elements 2^m times) and fuses the layout
+  transposes into the batch reductions (strided reads, 20x slower).
   """
-  first = key.reshape(-1)[0]
-  return jax.lax.cond(first == first, fn, fn, *args)
+  return jax.lax.cond(pred, fn, fn, *args)
 
 
-def _run_passes(mats, plan, sizes, h):
+def _run_passes(mats, plan, sizes, h, pred):
   hs = []
   for mat, (_, j, inc), lay in zip(mats, plan, _layouts(plan, len(sizes))):
     hs.append(h)
     h = _barrier(functools.partial(_apply_pass, layout=lay, j=j, sizes=sizes,
-                                   to_bottom=_to_bottom(not inc)), h, mat, h)
+                                   to_bottom=_to_bottom(not inc)), pred, mat, h)
   return h, hs
 
 
@@ -381,23 +385,23 @@ def _from_tiles(h: jax.Array, layout: tuple[int, ...], sizes: list[int]) -> jax.
   return v.reshape(nt * t, -1)
 
 
-def _forward(twiddle, x, increasing_stride):
+def _forward(twiddle, x, increasing_stride, copies):
   dtype, mat_dtype = _dtypes(twiddle, x)
-  mats = _pass_matrices(_factors(twiddle, mat_dtype), increasing_stride)
+  mats = _pass_matrices(_factors(twiddle, mat_dtype), increasing_stride, copies)
   plan = _plan(twiddle.shape[1], twiddle.shape[2], increasing_stride)
   sizes = [2 ** m for _, m in _groups(twiddle.shape[2])]
   h0 = _to_tiles(x, dtype)                                      # (nt, 1, n, T)
-  h, hs = _run_passes(mats, plan, sizes, h0)
+  h, hs = _run_passes(mats, plan, sizes, h0, _predicate(twiddle))
   return _from_tiles(h, _layouts(plan, len(sizes))[-1], sizes), hs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _butterfly(twiddle, x, increasing_stride):
-  return _forward(twiddle, x, increasing_stride)[0]
+  return _forward(twiddle, x, increasing_stride, copies=False)[0]
 
 
 def _butterfly_fwd(twiddle, x, increasing_stride):
-  y, hs = _forward(twiddle, x, increasing_stride)
+  y, hs = _forward(twiddle, x, increasing_stride, copies=True)
   # The scalar only records x's dtype for the cotangent (keeps x itself out of residuals).
   return y, (twiddle, hs, jnp.zeros((), x.dtype))
 
@@ -425,6 +429,7 @@ def _butterfly_bwd(increasing_stride, res, gy):
                            _factors(twiddle, mat_dtype))
   # The cotangent chain has its own row layouts (each step writes its group at the bottom).
   g_layout = _natural(len(sizes))
+  pred = _predicate(twiddle)
   t = _lanes(b)
   g = jnp.transpose(gy.astype(dtype).reshape(b // t, t, c, -1), (0, 2, 3, 1))  # (nt, C, n, T)
   dmats = [None] * len(plan)
@@ -436,7 +441,7 @@ def _butterfly_bwd(increasing_stride, res, gy):
     g, dm = _barrier(functools.partial(_backward_step, g_layout=g_layout,
                                        h_layout=fwd_layouts[i], j=j, sizes=sizes,
                                        to_bottom=to_bottom),
-                     g, mats[i], g, hs[i])
+                     pred, mats[i], g, hs[i])
     g_layout = _after(g_layout, j, to_bottom)
     dmats[i] = _cotangent(dm, mat_dtype)
   (dfactors,) = mats_vjp(dmats)
