@@ -56,6 +56,9 @@ import numpy as np
 MAX_RADIX_LOG = 3
 # Largest batch tile of the internal layout (see ``_lanes``).
 MAX_LANES = 512
+# Independent chains of passes (one per core) for batches of at least CHAINS * MIN_CHUNK.
+CHAINS = 2
+MIN_CHUNK = 64
 
 
 def _check(twiddle: jax.Array, x: jax.Array) -> tuple[int, int, int, int]:
@@ -350,13 +353,29 @@ def _barrier(fn, pred: jax.Array, *args):
   return jax.lax.cond(pred, fn, fn, *args)
 
 
-def _run_passes(mats, plan, sizes, h, pred):
-  hs = []
+def _run_passes(mats, plan, sizes, hs0, pred):
+  """Runs the pass chain on every batch chunk (independent chains, see ``_chunks``).
+  Returns the final activations and, per pass, the inputs of every chunk."""
+  hs, h = [], list(hs0)
   for mat, (_, j, inc), lay in zip(mats, plan, _layouts(plan, len(sizes))):
     hs.append(h)
-    h = _barrier(functools.partial(_apply_pass, layout=lay, j=j, sizes=sizes,
-                                   to_bottom=_to_bottom(not inc)), pred, mat, h)
+    fn = functools.partial(_apply_pass, layout=lay, j=j, sizes=sizes,
+                           to_bottom=_to_bottom(not inc))
+    h = [_barrier(fn, pred, mat, hk) for hk in h]
   return h, hs
+
+
+def _chunks(batch: int) -> list[tuple[int, int]]:
+  """Batch ranges processed as independent chains of passes.
+
+  XLA splits a loop fusion over the two cores, but at ~0.1 ms per half the second thread
+  is rarely awake in time and the calling thread runs both halves (measured: wall time =
+  CPU time for every pass). Two independent chains are scheduled concurrently by XLA's
+  executor instead."""
+  if batch < MIN_CHUNK * CHAINS:
+    return [(0, batch)]
+  step = -(-batch // CHAINS)
+  return [(s, min(s + step, batch)) for s in range(0, batch, step)]
 
 
 # ------------------------------------------------------------------ public API
@@ -390,9 +409,10 @@ def _forward(twiddle, x, increasing_stride, copies):
   mats = _pass_matrices(_factors(twiddle, mat_dtype), increasing_stride, copies)
   plan = _plan(twiddle.shape[1], twiddle.shape[2], increasing_stride)
   sizes = [2 ** m for _, m in _groups(twiddle.shape[2])]
-  h0 = _to_tiles(x, dtype)                                      # (nt, 1, n, T)
+  h0 = [_to_tiles(x[lo:hi], dtype) for lo, hi in _chunks(x.shape[0])]  # (nt, 1, n, T)
   h, hs = _run_passes(mats, plan, sizes, h0, _predicate(twiddle))
-  return _from_tiles(h, _layouts(plan, len(sizes))[-1], sizes), hs
+  final = _layouts(plan, len(sizes))[-1]
+  return jnp.concatenate([_from_tiles(hk, final, sizes) for hk in h], axis=0), hs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -415,7 +435,7 @@ def _cotangent(ct: jax.Array, dtype) -> jax.Array:
 
 def _butterfly_bwd(increasing_stride, res, gy):
   twiddle, hs, x_witness = res
-  dtype = hs[0].dtype
+  dtype = hs[0][0].dtype
   c, log_n = twiddle.shape[0], twiddle.shape[2]
   b = gy.shape[0]
   plan = _plan(twiddle.shape[1], log_n, increasing_stride)
@@ -430,24 +450,28 @@ def _butterfly_bwd(increasing_stride, res, gy):
   # The cotangent chain has its own row layouts (each step writes its group at the bottom).
   g_layout = _natural(len(sizes))
   pred = _predicate(twiddle)
-  t = _lanes(b)
-  g = jnp.transpose(gy.astype(dtype).reshape(b // t, t, c, -1), (0, 2, 3, 1))  # (nt, C, n, T)
+  g = []
+  for lo, hi in _chunks(b):
+    t = _lanes(hi - lo)
+    g.append(jnp.transpose(gy[lo:hi].astype(dtype).reshape((hi - lo) // t, t, c, -1),
+                           (0, 2, 3, 1)))                      # (nt, C, n, T)
   dmats = [None] * len(plan)
   for i in reversed(range(len(plan))):
     _, j, inc = plan[i]
     to_bottom = _to_bottom(inc)   # the backward visits a block's groups in reverse order
     # One conditional per step: both consumers of g (and of h) live inside it, so a
     # transposed layout XLA may pick for them is converted once, not read strided.
-    g, dm = _barrier(functools.partial(_backward_step, g_layout=g_layout,
-                                       h_layout=fwd_layouts[i], j=j, sizes=sizes,
-                                       to_bottom=to_bottom),
-                     pred, mats[i], g, hs[i])
+    step = functools.partial(_backward_step, g_layout=g_layout, h_layout=fwd_layouts[i],
+                             j=j, sizes=sizes, to_bottom=to_bottom)
+    outs = [_barrier(step, pred, mats[i], gk, hk) for gk, hk in zip(g, hs[i])]
+    g = [o[0] for o in outs]
     g_layout = _after(g_layout, j, to_bottom)
-    dmats[i] = _cotangent(dm, mat_dtype)
+    dmats[i] = _cotangent(functools.reduce(jnp.add, [o[1] for o in outs]), mat_dtype)
   (dfactors,) = mats_vjp(dmats)
   dtwiddle = _cotangent(jnp.stack([jnp.stack(df, axis=1) for df in dfactors], axis=1),
                         twiddle.dtype)
-  dx = _cotangent(_from_tiles(g, g_layout, sizes), x_witness.dtype)
+  dx = _cotangent(jnp.concatenate([_from_tiles(gk, g_layout, sizes) for gk in g], axis=0),
+                  x_witness.dtype)
   return dtwiddle, dx
 
 
