@@ -19,8 +19,8 @@ Bytes counted for the butterfly (itemsize 4 for float32), with P = radix passes 
 The tiny pass matrices (n * radix entries per pass) are not counted. Copy bandwidth is
 (read + write) / time of ``a * 2`` (input donated, so no fresh pages) on an array of one
 activation (batch x n float32, per n) and on a --copy_mib MiB array (beyond the L3 cache).
-The round-robin timing runs the dense GEMMs between the butterfly calls, so the butterfly
-usually starts with a cold cache, as it would inside a network.
+Timing: --rounds rounds over all cases; per round and case one untimed call, then a run of
+timed calls (steady state, caches as in a training loop that repeats the same step).
 
 Usage: python experiments/bench_butterfly.py --batch=256 --sizes=256,1024,4096,8192
 """
@@ -40,22 +40,28 @@ flags.DEFINE_integer("batch", 256, "Rows of x.")
 flags.DEFINE_list("sizes", ["256", "1024", "4096", "8192"], "Butterfly sizes n (powers of 2).")
 flags.DEFINE_integer("repeats", 15, "Timed calls per measurement (median reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
+flags.DEFINE_integer("rounds", 3, "Rounds over all cases (repeats are split among them).")
 flags.DEFINE_bool("reference", False, "Also time the einsum-per-factor reference.")
 flags.DEFINE_integer("copy_mib", 64, "Size of the array for the copy-bandwidth baseline.")
 
 
 def _median_ms(cases: dict) -> dict:
-  """cases: name -> (fn, args). Compiles and warms up each, then times them round-robin
-  (one call of each per round) so that load from other jobs hits all of them alike."""
+  """cases: name -> (fn, args). Compiles and warms up each, then times them in --rounds
+  rounds; in each round every case gets one untimed call and then its share of the
+  --repeats timed calls in a row (steady state, as in a training loop), so that load from
+  other jobs that comes and goes hits all cases alike. Returns median ms per case."""
   for fn, args in cases.values():
     for _ in range(1 + FLAGS.warmup):
       jax.block_until_ready(fn(*args))
   times = {name: [] for name in cases}
-  for _ in range(FLAGS.repeats):
+  per_round = max(1, -(-FLAGS.repeats // FLAGS.rounds))
+  for _ in range(FLAGS.rounds):
     for name, (fn, args) in cases.items():
-      t0 = time.perf_counter()
       jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - t0)
+      for _ in range(per_round):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[name].append(time.perf_counter() - t0)
   return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
 
 
