@@ -25,8 +25,54 @@ LayerFn = Callable[..., nn.Module]
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 dense_layer: LayerFn = nn.Dense
+# Spatial sizes (H * W) up to which Conv3x3 computes by im2col. Measured here (batch 256, 512
+# channels, forward+backward): 2x2 5.1 s by XLA conv vs 0.11 s by im2col; 4x4 0.63 s vs 0.62 s.
+IM2COL_MAX_PIXELS = 4
+
+
+class Conv3x3(nn.Conv):
+  """A 3x3, stride-1, zero-padded "same" ``nn.Conv`` that switches to im2col at small sizes.
+
+  Same parameters (``kernel`` (3, 3, Cin, Cout), ``bias`` (Cout,)), same outputs and the same
+  FLOP accounting as ``nn.Conv(features, (3, 3), padding=1)``. At H * W <= ``im2col_max_pixels``
+  the convolution is one matmul of the nine shifted copies of the input, (N*H*W, 9*Cin) @
+  (9*Cin, Cout), because XLA:CPU's convolution is pathologically slow there (VGG16's 2x2 convs:
+  seconds per batch against tens of milliseconds as a matmul, forward and backward). Larger
+  inputs use ``lax.conv_general_dilated`` (im2col would multiply their activation memory by 9).
+  Input NHWC (batch, H, W, Cin); output (batch, H, W, features).
+  """
+  im2col_max_pixels: int = IM2COL_MAX_PIXELS
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if tuple(self.kernel_size) != (3, 3) or self.strides not in (None, 1, (1, 1)) \
+        or self.padding not in (1, "SAME", ((1, 1), (1, 1))) \
+        or self.input_dilation not in (None, 1, (1, 1)) \
+        or self.kernel_dilation not in (None, 1, (1, 1)) or self.feature_group_count != 1:
+      raise ValueError(
+          f"Conv3x3 supports only a 3x3 stride-1 'same' ungrouped conv, got kernel_size="
+          f"{self.kernel_size}, strides={self.strides}, padding={self.padding}")
+    if inputs.ndim != 4:
+      raise ValueError(f"Conv3x3 expects NHWC input (batch, H, W, C), got shape {inputs.shape}")
+    _, h, w, cin = inputs.shape
+    kernel = self.param("kernel", self.kernel_init, (3, 3, cin, self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    if h * w <= self.im2col_max_pixels:
+      xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      cols = jnp.concatenate([xp[:, a:a + h, b:b + w] for a in range(3) for b in range(3)], -1)
+      y = cols @ kernel.reshape(9 * cin, self.features)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       precision=self.precision)
+    return y if bias is None else y + bias
+
+
 conv3x3: LayerFn = functools.partial(
-    nn.Conv, kernel_size=(3, 3), padding=1, kernel_init=kaiming_normal,
+    Conv3x3, kernel_size=(3, 3), padding=1, kernel_init=kaiming_normal,
     bias_init=nn.initializers.zeros)
 kaiming_dense: LayerFn = functools.partial(
     nn.Dense, kernel_init=kaiming_normal, bias_init=nn.initializers.zeros)

@@ -1,17 +1,16 @@
 r"""Inference time of VGG16 on CIFAR-10-shaped data: dense vs every layer structured.
 
   python experiments/bench_models.py [--images=1017] [--batch_size=256] [--repeats=3] \
-      [--variants=dense,all,dense_fixed] [--per_layer]
+      [--variants=dense,all,dense_xla] [--per_layer]
 
 Variants (same code path as sweep.py's ``inference_seconds``: ``Trainer.evaluate`` over the
 images padded to whole batches, jitted and warmed up, median of ``--repeats``):
-* ``dense``: VGG16 with XLA convolutions (``nn.Conv``), the study's baseline;
+* ``dense``: the library's VGG16 (``models.conv3x3``: XLA convolution, but im2col at 2x2
+  spatial size, conv11-13, where XLA:CPU's convolution is pathologically slow);
 * ``all``: the ``--factorize=all`` model (every conv a KOPS2D, dense layers butterfly);
-* ``dense_fixed``: the dense VGG16 with the 2x2-spatial convs (conv11-13) computed as one GEMM
-  over the nine shifted copies of the input (im2col; same function, same params). On CPU,
-  XLA's convolution is pathologically slow at 2x2 (measured ~60x slower than im2col there,
-  while slower than XLA's at >= 4x4), which would flatter the ratio; this baseline removes
-  that artefact.
+* ``dense_xla``: the dense VGG16 with XLA's convolution everywhere (same function, same
+  params), i.e. a plain ``nn.Conv`` VGG16: ~60x slower than im2col at 2x2 on CPU, which
+  flatters the ratio.
 
 Prints wall time and process CPU time (CPU time is steadier on a shared machine) and the
 ratios ``all / dense``; the study measured 45x (GPU). ``--per_layer`` adds a table of each conv
@@ -34,60 +33,34 @@ flags.DEFINE_integer("images", 1017, "Number of CIFAR-shaped random test images 
                      "(10000 = the CIFAR-10 test set)")
 flags.DEFINE_integer("batch_size", 256, "Inference batch size")
 flags.DEFINE_integer("repeats", 3, "Timed passes over the images (median reported)")
-flags.DEFINE_string("variants", "dense,all,dense_fixed", "Comma list of dense | all | "
-                    "dense_fixed")
+flags.DEFINE_string("variants", "dense,all,dense_xla", "Comma list of dense | all | "
+                    "dense_xla")
 flags.DEFINE_string("factorize_with", "butterfly", "Structured dense layer of the 'all' model")
 flags.DEFINE_bool("per_layer", False, "Also time every conv layer alone (one batch)")
 
-VARIANTS = ("dense", "all", "dense_fixed")
-IM2COL_MAX_PIXELS = 4   # dense_fixed: im2col for H * W <= this, XLA conv above
+VARIANTS = ("dense", "all", "dense_xla")
 
 
-def _conv_module(pixels_for_im2col: int) -> Callable:
-  """Constructor of a 3x3 'same' conv with params kernel (3, 3, Cin, Cout) and bias (as the
-  VGG16 conv); computed by im2col (one GEMM over the nine shifted copies of the input) when
-  H * W <= pixels_for_im2col, else by XLA's convolution."""
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
+def xla_conv() -> Callable:
+  """Constructor: the VGG16 conv computed by XLA's convolution at every spatial size."""
+  import functools
   from bfprune import models
-
-  class Conv3x3(nn.Module):
-    features: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-      cin = x.shape[-1]
-      kernel = self.param("kernel", models.kaiming_normal, (3, 3, cin, self.features))
-      bias = self.param("bias", nn.initializers.zeros, (self.features,))
-      h, w = x.shape[1:3]
-      if h * w > pixels_for_im2col:
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias
-      xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      cols = jnp.concatenate([xp[:, a:a + h, b:b + w] for a in range(3) for b in range(3)], -1)
-      return cols @ kernel.reshape(9 * cin, self.features) + bias
-
-  return Conv3x3
+  return functools.partial(models.conv3x3, im2col_max_pixels=0)
 
 
 def im2col_conv() -> Callable:
-  """Constructor of the im2col 3x3 conv (every spatial size)."""
-  return _conv_module(1 << 62)
-
-
-def fixed_conv() -> Callable:
-  """Constructor: XLA's conv, but im2col at spatial sizes where XLA's CPU conv is slow."""
-  return _conv_module(IM2COL_MAX_PIXELS)
+  """Constructor: the VGG16 conv computed by im2col at every spatial size."""
+  import functools
+  from bfprune import models
+  return functools.partial(models.conv3x3, im2col_max_pixels=1 << 62)
 
 
 def build(variant: str, factorize_with: str):
   from bfprune import models
   from experiments.config import RunConfig
   from experiments.pipeline import build_model
-  if variant == "dense_fixed":
-    return models.VGG16(conv=fixed_conv())
+  if variant == "dense_xla":
+    return models.VGG16(conv=xla_conv())
   cfg = RunConfig(dataset="cifar10", model="vgg16", factorize="none" if variant == "dense"
                   else "all", factorize_with=factorize_with).validate()
   return build_model(cfg)
@@ -121,7 +94,7 @@ def bench_model(variant: str, images: int, batch: int, repeats: int, factorize_w
   t0 = time.perf_counter()
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   init_s = time.perf_counter() - t0
-  if variant == "dense_fixed" and "dense" in params_cache:
+  if variant == "dense_xla" and "dense" in params_cache:
     variables = params_cache["dense"]   # same params: the two dense variants must agree
   params_cache[variant] = variables
   masks = masks_lib.ones_like(variables["params"])
@@ -152,7 +125,7 @@ def per_layer(batch: int, repeats: int) -> None:
       continue
     shapes.append((hw, cin, int(item)))
     cin = int(item)
-  makers = {"xla_conv": models.conv3x3, "im2col": im2col_conv(), "kops2d": KOPS2D}
+  makers = {"xla_conv": xla_conv(), "im2col": im2col_conv(), "kops2d": KOPS2D}
   print(f"\nper layer, batch {batch}: median wall ms / CPU ms; ratios of CPU time "
         "(best = the faster dense conv)")
   print(f"{'layer':<8}{'HxW':>6}{'Cin':>5}{'Cout':>6}" +
@@ -194,11 +167,11 @@ def main(argv):
     results[v] = r
     print(f"{v:<14}{r['images']:>8}{r['wall_s']:>10.2f}{r['cpu_s']:>10.2f}"
           f"{r['images'] / r['wall_s']:>10.0f}{r['first_pass_s']:>12.1f}", flush=True)
-  if "dense" in results and "dense_fixed" in results:
-    diff = np.abs(results["dense"]["logits"] - results["dense_fixed"]["logits"]).max()
-    print(f"dense vs dense_fixed: same function and params, max |logit diff| {diff:.2e}")
+  if "dense" in results and "dense_xla" in results:
+    diff = np.abs(results["dense"]["logits"] - results["dense_xla"]["logits"]).max()
+    print(f"dense vs dense_xla: same function and params, max |logit diff| {diff:.2e}")
   if "all" in results:
-    for base in ("dense", "dense_fixed"):
+    for base in ("dense", "dense_xla"):
       if base in results:
         a, b = results["all"], results[base]
         print(f"ratio all / {base}: wall {a['wall_s'] / b['wall_s']:.2f}x, "

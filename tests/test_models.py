@@ -87,3 +87,33 @@ def test_vgg16_batchnorm_variant_trains_its_statistics():
 def test_input_shape_rejects_unknown_dataset():
   with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
     models.input_shape("svhn")
+
+
+@pytest.mark.parametrize("hw", [1, 2, 3, 4])
+def test_conv3x3_im2col_equals_nn_conv_forward_and_gradient(hw):
+  """Both paths of Conv3x3 (im2col at H*W <= 4, XLA conv above) equal nn.Conv with the same
+  params: outputs and gradients w.r.t. params and input, zero padding at the borders."""
+  x = jax.random.normal(jax.random.key(1), (3, hw, hw, 5))
+  ref = nn.Conv(7, (3, 3), padding=1)
+  v = ref.init(jax.random.key(2), x)
+  v = jax.tree.map(lambda a: a + 0.1, v)  # a nonzero bias too
+  ours = models.conv3x3(7)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(2), x)) == jax.tree.map(jnp.shape, v)
+  w = jax.random.normal(jax.random.key(3), (3, hw, hw, 7))
+  loss = lambda m: lambda v, x: jnp.sum(jnp.tanh(m.apply(v, x)) * w)
+  np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(v, x)),
+                       jax.tree.leaves(jax.grad(loss(ref), (0, 1))(v, x))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_conv3x3_counts_like_nn_conv_and_rejects_other_geometries():
+  from bfprune import metrics
+  x = jnp.zeros((1, 2, 2, 4))
+  ours, ref = models.conv3x3(6), nn.Conv(6, (3, 3), padding=1)
+  a = metrics.layer_table(ours, ours.init(jax.random.key(0), x), None, (2, 2, 4))
+  b = metrics.layer_table(ref, ref.init(jax.random.key(0), x), None, (2, 2, 4))
+  assert [(r.kind, r.flops) for r in a] == [(r.kind, r.flops) for r in b] \
+      == [("conv", 9 * 4 * 6 * 4 + 6 * 4)]
+  with pytest.raises(ValueError, match="3x3 stride-1"):
+    models.Conv3x3(6, (3, 3), strides=2, padding=1).init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
