@@ -1,6 +1,12 @@
 """One run of the study: config -> data -> model -> prune -> train -> evaluate -> results row.
 
 Composes the library's pieces; all experiment plumbing lives here, none in ``bfprune``.
+
+The pieces of ``run_one`` that other scripts reuse: ``build_run`` (model, initialisation,
+trainer, test batches), ``prune_step`` (prune and re-mask), ``pretrained_state`` /
+``initial_masks`` (init + pre-training + pruning exactly as a run does it, without checkpoints;
+``experiments/backfill_sparse.py`` recomputes old runs' masks with them) and
+``timed_sparse_inference`` (the row's ``inference_seconds_sparse``).
 """
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import dataclasses
 import functools
 import statistics
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +22,7 @@ import numpy as np
 
 from bfprune import data as data_lib
 from bfprune import checkpoint, metrics, models, train
+from bfprune import sparse as sparse_lib
 from bfprune.pruning import masks as masks_lib
 from bfprune.pruning import schedule
 from bfprune.structured import layers, monarch
@@ -76,21 +83,32 @@ def prune_masks(cfg: RunConfig, model, dataset: data_lib.Dataset, state: train.T
                         scope=cfg.prune_scope)
 
 
-def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
-            history_log: Optional[Log] = None,
-            ckpt_dir: Optional[str] = None) -> dict[str, Any]:
-  """Runs one configuration end to end and returns its results row (JSON-serialisable).
+class RunParts(NamedTuple):
+  """What a run builds before any training (``build_run``).
 
-  With ``ckpt_dir`` the run checkpoints after every epoch and resumes from the latest
-  checkpoint found there.
+  ``masks`` are the all-kept masks on the prunable leaves and ``state`` the initial (masked)
+  TrainState; ``fit`` is ``train.fit`` bound to this run's trainer, training data, batch size,
+  seed, test batches and chunking (pass ``state``, ``masks``, ``epochs``, ``first_epoch``).
   """
+  model: Any
+  in_shape: tuple[int, ...]
+  variables: Any
+  masks: Any
+  trainer: train.Trainer
+  state: train.TrainState
+  eval_data: train.EvalData
+  fit: Callable[..., tuple[train.TrainState, list[dict]]]
+
+
+def build_run(cfg: RunConfig, dataset: data_lib.Dataset,
+              history_log: Optional[Log] = None) -> RunParts:
+  """Model, initialisation (``cfg.seed``), all-kept masks, trainer and test batches of a run."""
   cfg.validate()
   in_shape = models.input_shape(cfg.dataset)
   model = build_model(cfg, dataset.num_classes)
   variables = model.init(jax.random.key(cfg.seed), jnp.zeros((1,) + in_shape))
   masks = masks_lib.ones_like(variables["params"], masks_lib.is_kernel_or_twiddle
                               if cfg.prune_factors else masks_lib.is_kernel)
-
   tx = train.adam(cfg.lr)
   augment = data_lib.augment_cifar if cfg.dataset == "cifar10" else None
   trainer = train.Trainer(model, tx, train.make_mesh(), augment=augment)
@@ -100,6 +118,169 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
   fit = functools.partial(train.fit, trainer, train_x=dataset.train_x, train_y=dataset.train_y,
                           batch_size=cfg.batch_size, seed=cfg.seed, eval_data=eval_data,
                           log=history_log, chunk_steps=64 if cfg.model == "fc" else 1)
+  return RunParts(model, in_shape, variables, masks, trainer, state, eval_data, fit)
+
+
+def prune_step(cfg: RunConfig, parts: RunParts, dataset: data_lib.Dataset,
+               state: train.TrainState, masks, log: Log = print
+               ) -> tuple[train.TrainState, Any, float]:
+  """Prunes the (pre-trained) ``state`` with ``cfg.pruner`` and re-masks it.
+
+  Returns (state, masks, seconds); with ``--pruner=none`` the inputs unchanged and 0 s.
+  """
+  if cfg.pruner == "none":
+    return state, masks, 0.0
+  t0 = time.perf_counter()
+  masks = prune_masks(cfg, parts.model, dataset, state, masks, parts.in_shape)
+  state = train.remask(state, masks)
+  seconds = time.perf_counter() - t0
+  log(f"pruned with {cfg.pruner} to density {masks_lib.density(masks):.4g} in {seconds:.1f} s")
+  return state, masks, seconds
+
+
+def pretrained_state(cfg: RunConfig, dataset: data_lib.Dataset,
+                     log: Log = print) -> tuple[RunParts, train.TrainState]:
+  """``build_run`` plus the ``cfg.pre_epochs`` epochs of training before pruning, as in
+  ``run_one`` (same trainer, data order and chunking; no checkpoints, no per-epoch test
+  evaluation, which does not change the state). Returns (parts, the state pruning starts from).
+  """
+  parts = build_run(cfg, dataset)
+  state = parts.state
+  if cfg.pre_epochs:
+    log(f"pre-training {cfg.pre_epochs} epochs before pruning")
+    state, _ = parts.fit(state=state, masks=parts.masks, epochs=cfg.pre_epochs, first_epoch=0,
+                         eval_data=None, log=None)
+  return parts, state
+
+
+def initial_masks(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
+                  start: Optional[tuple[RunParts, train.TrainState]] = None
+                  ) -> tuple[RunParts, train.TrainState, Any]:
+  """The masks a run of ``cfg`` trains with: init, pre-training, pruning, as ``run_one``.
+
+  ``start``: ``pretrained_state(cfg, dataset)``'s result, if already at hand (it depends only
+  on the settings before pruning, so runs differing in pruner / compression can share it).
+  Returns (parts, the pruned and re-masked state before post-training, masks).
+  """
+  parts, state = start if start is not None else pretrained_state(cfg, dataset, log)
+  state, masks, _ = prune_step(cfg, parts, dataset, state, parts.masks, log)
+  return parts, state, masks
+
+
+def sparse_unsupported(cfg: RunConfig) -> Optional[str]:
+  """Why ``bfprune.sparse`` cannot run ``cfg``'s model, or None when it can."""
+  if cfg.factorize != "none":
+    return (f"--factorize={cfg.factorize}: {cfg.factorize_with} layers have no sparse export "
+            "(bfprune.sparse handles plain dense and 3x3 conv kernels only)")
+  if cfg.batch_norm:
+    return "--batch_norm: bfprune.sparse's VGG16 forward has no BatchNorm"
+  if cfg.model not in ("fc", "vgg16"):
+    return f"--model={cfg.model}: no sparse forward"
+  return None
+
+
+class SparseCheckError(AssertionError):
+  """The sparse forward disagrees with the masked-dense model: a wrong export, not a timing."""
+
+
+def timed_sparse_inference(cfg: RunConfig, params, masks, test_x: np.ndarray,
+                           test_y: Optional[np.ndarray] = None, *, model=None,
+                           dense_top1: Optional[float] = None, repeats: int = 5,
+                           log: Log = print, check_examples: int = 64,
+                           logit_rtol: float = 1e-3, logit_atol: float = 1e-5,
+                           top1_tol: float = 0.05) -> Optional[float]:
+  """Median wall seconds of a real sparse (BCSR) pass over the test set, or None.
+
+  ``params * masks`` is exported with ``bfprune.sparse.sparsify(params, masks, "bcsr")`` (every
+  masked kernel a BCSR matrix holding exactly its kept weights) and run through
+  ``fc_apply_sparse`` / ``vgg16_apply_sparse`` (inference mode), jitted. The test set is cut into
+  batches of ``cfg.batch_size`` with the last one zero-padded, as the dense evaluation
+  (``train.make_eval_data``) does; one untimed pass compiles and warms up, then ``repeats``
+  passes (every batch's logits, blocked on) are timed and the median returned. Unlike the
+  dense ``inference_seconds`` (one jitted scan that also sums loss / top-k) the batches are
+  separate jitted calls, as in ``experiments/bench_sparse.py``; the loss / top-k sums are
+  negligible next to the forward pass. A net with an empty layer is still timed (its forward
+  is then little more than the head's bias).
+
+  Supported (see ``sparse_unsupported``): ``--model=fc`` and ``--model=vgg16`` with plain
+  dense / 3x3 conv kernels, i.e. ``--factorize=none`` and no ``--batch_norm``. For
+  ``--factorize=head|all`` (butterfly / K-matrix / Monarch layers, whose twiddles are not
+  2-D / 4-D kernels) and BatchNorm it logs why and returns None.
+
+  Checks (a wrong export must not pass as a fast number): the sparse logits of the first
+  ``check_examples`` test examples must equal the masked-dense ``model.apply``'s to
+  ``logit_rtol`` x max |logit| + ``logit_atol`` (relative: an initialised net's logits can be
+  ~1e-3), which checks the export and the sparse forward; and, given ``test_y`` and
+  ``dense_top1`` (the dense evaluation's top-1 %), the sparse top-1 over the whole test set must
+  be within ``top1_tol`` points of it, which checks that the export is the evaluated model.
+  Either failure raises ``SparseCheckError``.
+
+  Args:
+    cfg: the run's config (model, factorize, batch_norm, batch_size).
+    params: the params collection (masked or not: ``params * masks`` is what is exported).
+    masks: boolean masks on the kernels (``None`` elsewhere), mirroring ``params``.
+    test_x, test_y: the test split (unpadded).
+    model: the Flax model for the logit check (default ``build_model(cfg)``).
+  """
+  why = sparse_unsupported(cfg)
+  if why is not None:
+    log(f"sparse inference: not timed ({why})")
+    return None
+  num_classes = int(np.shape(params["head"]["kernel"])[-1])
+  model = build_model(cfg, num_classes) if model is None else model
+  masked = masks_lib.apply_masks(params, masks)
+  sparse_params = sparse_lib.sparsify(params, masks, fmt="bcsr")
+  fwd = jax.jit(sparse_lib.fc_apply_sparse if cfg.model == "fc" else sparse_lib.vgg16_apply_sparse)
+  n = len(test_x)
+  ev = train.make_eval_data(test_x, np.zeros(n, np.int32), cfg.batch_size)
+  batches = [jnp.asarray(b) for b in ev.x]
+
+  logits = jax.block_until_ready([fwd(sparse_params, b) for b in batches])  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready([fwd(sparse_params, b) for b in batches])
+    times.append(time.perf_counter() - t0)
+  seconds = statistics.median(times)
+
+  k = min(check_examples, n)
+  got = np.asarray(logits[0][:k])
+  ref = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(
+      masked, jnp.asarray(test_x[:k])))
+  diff = float(np.max(np.abs(got - ref)))
+  tol = logit_rtol * float(np.max(np.abs(ref))) + logit_atol
+  if not diff <= tol:
+    raise SparseCheckError(f"sparse logits differ from the masked-dense model's by {diff:.3g} "
+                           f"(> {tol:.3g}) on the first {k} test examples")
+  msg = f"max |logit diff| {diff:.2g} on {k} examples"
+  if test_y is not None:
+    pred = np.concatenate([np.argmax(np.asarray(l), axis=-1) for l in logits])[:n]
+    top1 = float(100.0 * np.mean(pred == np.asarray(test_y)))
+    msg += f", top-1 {top1:.2f}%"
+    if dense_top1 is not None:
+      if not abs(top1 - dense_top1) <= top1_tol:
+        raise SparseCheckError(f"sparse top-1 {top1:.4f}% differs from the dense evaluation's "
+                               f"{dense_top1:.4f}% by more than {top1_tol} points")
+      msg += f" (dense {dense_top1:.2f}%)"
+  log(f"sparse inference: {seconds:.4g} s per test-set pass (BCSR, "
+      f"{sparse_lib.stored_entries(sparse_params)} stored weights; {msg})")
+  return seconds
+
+
+def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
+            history_log: Optional[Log] = None,
+            ckpt_dir: Optional[str] = None) -> dict[str, Any]:
+  """Runs one configuration end to end and returns its results row (JSON-serialisable).
+
+  With ``ckpt_dir`` the run checkpoints after every epoch and resumes from the latest
+  checkpoint found there. The row's ``inference_seconds`` times the masked-dense model,
+  ``inference_seconds_sparse`` the real sparse one (``timed_sparse_inference``; None where
+  ``bfprune.sparse`` does not support the model). Raises ``SparseCheckError`` when the sparse
+  forward disagrees with the dense evaluation (the checkpoint is kept: a rerun only evaluates).
+  """
+  parts = build_run(cfg, dataset, history_log)
+  model, in_shape, trainer, eval_data = parts.model, parts.in_shape, parts.trainer, parts.eval_data
+  state, masks, fit = parts.state, parts.masks, parts.fit
 
   # Resumable phases: "pre" (training before pruning), then "post" (after pruning). The
   # checkpoint is written after every epoch and right after pruning; data order and keys are
@@ -135,18 +316,15 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
     if cfg.pre_epochs:
       log(f"pre-training {cfg.pre_epochs} epochs before pruning")
       run_epochs(cfg.pre_epochs)
-    if cfg.pruner != "none":
-      t0 = time.perf_counter()
-      masks = prune_masks(cfg, model, dataset, state, masks, in_shape)
-      state = train.remask(state, masks)
-      meta["prune_seconds"] = time.perf_counter() - t0
-      log(f"pruned with {cfg.pruner} to density {masks_lib.density(masks):.4g} "
-          f"in {meta['prune_seconds']:.1f} s")
+    state, masks, meta["prune_seconds"] = prune_step(cfg, parts, dataset, state, masks, log)
     meta["phase"] = "post"
     save()
   run_epochs(cfg.pre_epochs + cfg.post_epochs)
 
   final, seconds = timed_evaluation(trainer, state, eval_data)
+  sparse_seconds = timed_sparse_inference(
+      cfg, jax.device_get(state.params), jax.device_get(masks), dataset.test_x, dataset.test_y,
+      model=model, dense_top1=final["top1"], log=log)
   variables = {"params": state.params, **({"batch_stats": state.batch_stats}
                                           if state.batch_stats else {})}
   summ = metrics.summary(model, jax.device_get(variables), masks, in_shape)
@@ -163,6 +341,7 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
       "prune_seconds": meta["prune_seconds"],
       "train_seconds": meta["train_seconds"],
       "inference_seconds": seconds,
+      "inference_seconds_sparse": sparse_seconds,
       "history": meta["history"],
       "train_examples": int(len(dataset.train_x)),
       "test_examples": int(len(dataset.test_x)),

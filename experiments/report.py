@@ -8,7 +8,12 @@ Writes into ``--out`` (default ``<results>/report``):
 
 * ``table1_c<c>.md / .csv``: top-1 (%) per dataset x architecture x pruner at compression c, dense
   head vs butterfly head, plus the unpruned and all-factorized models (one table per c);
-* ``table2.md / .csv``: inference seconds per compression x pruner, same columns;
+* ``table2.md / .csv``: inference seconds per compression x pruner, same columns: the
+  masked-dense model (column = the pruner's name) and, beside it, the real sparse (BCSR) forward
+  of ``bfprune.sparse`` ("<pruner> sparse s", row field ``inference_seconds_sparse``) when at
+  least one run of that table has it (rows written before that column existed, or models the
+  sparse path does not support, e.g. a butterfly head, show "–"; see
+  ``experiments/backfill_sparse.py`` for old rows);
 * ``fig1_top1_<dataset>_<model>.png``: top-1 vs compression, dense head solid, butterfly head
   dashed ("+ BH");
 * ``fig2_flop_density_<dataset>_<model>.png``: FLOP density vs compression, same encoding;
@@ -51,6 +56,7 @@ flags.DEFINE_string("fig3_compression", "0.5", "Compression c of Figure 3 (per-l
 
 COLLAPSE_MARK = "†"
 MISSING = "–"
+SPARSE_SUFFIX = " sparse s"  # Table 2: header suffix of the sparse inference-seconds columns
 PRUNERS = ("rand", "mag", "snip", "grasp", "synflow")
 PRUNER_NAMES = {"rand": "Rand", "mag": "Mag", "snip": "SNIP", "grasp": "GraSP",
                 "synflow": "SynFlow", "none": "Unpruned", "all": "All-factorized"}
@@ -82,8 +88,10 @@ class Run:
 
   ``column`` is the display label of the run's pruner (with its variant settings when several
   variants of that pruner exist); ``col_key`` the sortable identity behind it. Metrics a row
-  lacks are NaN (top1 %, inference seconds, flop_density fraction); ``layers`` maps a layer name
-  to its FLOP density (flops_kept / flops), in forward order.
+  lacks are NaN (top1 %, inference seconds, flop_density fraction; ``inference_seconds_sparse``
+  is NaN for rows written before it existed and for models without a sparse path, where the row
+  holds None); ``layers`` maps a layer name to its FLOP density (flops_kept / flops), in forward
+  order.
   """
   dataset: str
   model: str
@@ -101,6 +109,7 @@ class Run:
   collapsed: bool
   collapsed_layer: Optional[str]
   layers: tuple[tuple[str, float], ...]
+  inference_seconds_sparse: float = math.nan
 
   def metric(self, name: str) -> float:
     return getattr(self, name)
@@ -202,7 +211,8 @@ def runs_from_rows(rows: Sequence[dict[str, Any]]) -> list[Run]:
         top1=_num(r.get("top1")), inference_seconds=_num(r.get("inference_seconds")),
         flop_density=_num(r.get("flop_density")), density=_num(r.get("density")),
         collapsed=bool(r.get("collapsed", False)), collapsed_layer=r.get("collapsed_layer"),
-        layers=_layer_flop_density(r.get("layers"))))
+        layers=_layer_flop_density(r.get("layers")),
+        inference_seconds_sparse=_num(r.get("inference_seconds_sparse"))))
   return runs
 
 
@@ -352,14 +362,25 @@ def table1(runs: Sequence[Run], compression: float) -> Table:
 
 def table2(runs: Sequence[Run]) -> list[Table]:
   """Inference seconds (median of 5 warm passes over the test set, mean ± std over seeds) per
-  compression x pruner, dense head vs butterfly head; one table per dataset / architecture."""
+  compression x pruner, dense head vs butterfly head; one table per dataset / architecture.
+
+  Each column (a pruner's name) is the masked-dense model; when at least one run of the table
+  has ``inference_seconds_sparse``, every column is followed by "<column> sparse s", the same
+  for the real sparse (BCSR) forward ("–" where a run lacks it). The CSV has one
+  ``inference_seconds_sparse`` record per cell of those columns, exactly the markdown's cells.
+  """
   groups = _groups(runs)
   tables = []
   for dm in _dm_order(runs):
     dm_runs = [r for r in runs if (r.dataset, r.model) == dm]
     cols = _columns(dm_runs)
     comps = sorted({r.compression for r in dm_runs if r.pruner != "none"})
-    header = ["Head", "c", "density"] + [k[3] for k in cols]
+    metrics = ["inference_seconds"]
+    if any(not math.isnan(r.inference_seconds_sparse) for r in dm_runs):
+      metrics.append("inference_seconds_sparse")
+    header = ["Head", "c", "density"] + [k[3] + ("" if m == "inference_seconds" else
+                                                  SPARSE_SUFFIX)
+                                          for k in cols for m in metrics]
     rows, records, seen = [], [], set()
     for head in _heads(dm_runs):
       for c in comps or [None]:
@@ -367,22 +388,28 @@ def table2(runs: Sequence[Run]) -> list[Table]:
                 MISSING if c is None else _density_text(c)]
         for k in cols:
           cell_runs, cc = _lookup(groups, dm, head, k, c)
-          if not cell_runs:
-            line.append(MISSING)
-            continue
-          cell = make_cell(cell_runs, "inference_seconds")
-          line.append(cell.text(".4g"))
-          rec_head = "all" if k[1] == "all" else head
-          if (rec_head, k, cc) not in seen:
-            seen.add((rec_head, k, cc))
-            records.append(_record(cell_runs[0], rec_head, cc, "inference_seconds", cell,
-                                   ".4g"))
+          for m in metrics:
+            if not cell_runs:
+              line.append(MISSING)
+              continue
+            cell = make_cell(cell_runs, m)
+            line.append(cell.text(".4g"))
+            rec_head = "all" if k[1] == "all" else head
+            if (rec_head, k, cc, m) not in seen:
+              seen.add((rec_head, k, cc, m))
+              records.append(_record(cell_runs[0], rec_head, cc, m, cell, ".4g"))
         rows.append(line)
     title = (f"Table 2: inference seconds, {DATASET_NAMES.get(dm[0], dm[0])} / "
              f"{MODEL_NAMES.get(dm[1], dm[1])} (jitted, warmed-up pass over the whole test "
              f"set, median of 5)")
     notes = [f"Mean ± sample std over seeds; {COLLAPSE_MARK} = collapsed; {MISSING} = no run. "
              "Unpruned and All-factorized do not depend on c and repeat on every row."]
+    if len(metrics) > 1:
+      notes.append(f"Columns without a suffix time the masked-dense model (pruned weights are "
+                   f"zeros, the cost of the dense net); \"{SPARSE_SUFFIX.strip()}\" columns time "
+                   f"the real sparse forward (bfprune.sparse, BCSR kernels holding only the kept "
+                   f"weights), {MISSING} where a run has no such timing (rows from before it "
+                   f"existed, butterfly / K-matrix layers, BatchNorm).")
     tables.append(Table(title, header, rows, records, notes))
   return tables
 

@@ -263,3 +263,59 @@ def test_cli_end_to_end_and_one_line_error(rows, tmp_path):
   assert ok.returncode == 0, ok.stderr
   assert (res / "report" / "table1_c1.md").exists()
   assert (res / "report" / "fig1_top1_mnist_fc.png").stat().st_size > 20_000
+
+
+def test_table2_sparse_columns_beside_dense_ones_and_dash_for_old_rows(rows):
+  """Rows with inference_seconds_sparse (new), without it (old) and with None (unsupported)."""
+  rng = np.random.default_rng(2)
+  new = []
+  for r in rows:
+    r = dict(r)
+    if r["dataset"] == "mnist" and r["factorize"] == "none" and r["seed"] == 0:
+      r["inference_seconds_sparse"] = float(rng.uniform(0.001, 0.05))  # a new row
+    elif r["dataset"] == "mnist" and r["factorize"] == "head" and r["pruner"] == "rand":
+      r["inference_seconds_sparse"] = None  # butterfly head: no sparse path
+    new.append(r)  # everything else: an old row without the field
+  t_mnist, t_cifar = report.table2(report.runs_from_rows(new))
+  dense_cols = ["Rand", "SNIP", "SynFlow", "Unpruned", "All-factorized"]
+  assert t_mnist.header[3:] == [h for c in dense_cols for h in (c, c + " sparse s")]
+  assert t_cifar.header[3:] == ["Rand"]  # no run of that table has the value: no column
+  for c in COMPRESSIONS:
+    for p, name in (("rand", "Rand"), ("snip", "SNIP"), ("synflow", "SynFlow")):
+      sel = _select(new, dataset="mnist", factorize="none", pruner=p, compression=c)
+      have = [r for r in sel if "inference_seconds_sparse" in r]
+      assert len(have) == 1 and len(sel) == 2  # seed 0 new, seed 1 old
+      mark = 1 if have[0]["collapsed"] else 0
+      assert _cell(t_mnist, "dense head", None, name + " sparse s", c) == _expected(
+          [have[0]["inference_seconds_sparse"]], ".4g", mark)
+      # The masked-dense column beside it still averages both seeds.
+      assert _cell(t_mnist, "dense head", None, name, c) == _expected(
+          [r["inference_seconds"] for r in sel], ".4g", sum(r["collapsed"] for r in sel))
+      # Old rows and None (unsupported) rows: the missing mark.
+      assert _cell(t_mnist, "butterfly head", None, name + " sparse s", c) == "–"
+    assert _cell(t_mnist, "butterfly head", None, "All-factorized sparse s", c) == "–"
+  unpruned = _select(new, dataset="mnist", factorize="none", pruner="none", seed=0)
+  assert _cell(t_mnist, "dense head", None, "Unpruned sparse s", 0.1) == _expected(
+      [unpruned[0]["inference_seconds_sparse"]], ".4g")
+  assert "sparse s" in "\n".join(t_mnist.notes)
+  md = report.to_markdown(t_mnist).splitlines()
+  assert md[2] == "| " + " | ".join(t_mnist.header) + " |"
+  # CSV: one sparse record per displayed sparse cell, numbers parsing back to the values.
+  recs = list(csv.DictReader(io.StringIO(report.to_csv(t_mnist))))
+  sparse = [r for r in recs if r["metric"] == "inference_seconds_sparse"]
+  dense = [r for r in recs if r["metric"] == "inference_seconds"]
+  assert len(sparse) == len(dense) == 2 * 3 * 3 + 2 + 1
+  for rec in sparse:
+    kw = {"dataset": "mnist", "factorize": rec["head"], "pruner": rec["pruner"]}
+    if rec["compression"]:
+      kw["compression"] = float(rec["compression"])
+    vals = [r["inference_seconds_sparse"] for r in _select(new, **kw)
+            if r.get("inference_seconds_sparse") is not None]
+    assert int(rec["n"]) == len(vals)
+    if vals:
+      assert float(rec["mean"]) == pytest.approx(np.mean(vals), rel=1e-12)
+    else:
+      assert rec["text"] == "–"
+  # Rows without the field at all (every row written before it existed): no sparse columns.
+  t_old = report.table2(report.runs_from_rows(rows))[0]
+  assert not any("sparse" in h for h in t_old.header)
