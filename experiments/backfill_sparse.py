@@ -145,11 +145,8 @@ class Backfiller:
     """The dataset the run saw: the named split, cut to ``train_examples`` as sweep.py does."""
     key = (cfg.dataset, cfg.train_examples)
     if key not in self._datasets:
-      from bfprune import data as data_lib
-      ds = data_lib.load_dataset(cfg.dataset, self.data_dir)
-      if cfg.train_examples:
-        ds = ds._replace(train_x=ds.train_x[:cfg.train_examples],
-                         train_y=ds.train_y[:cfg.train_examples])
+      from experiments import pipeline
+      ds = pipeline.load_training_data(cfg.dataset, self.data_dir, cfg.train_examples)
       self._datasets = {key: ds}  # one at a time (a grid has one dataset)
     return self._datasets[key]
 

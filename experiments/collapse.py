@@ -630,6 +630,39 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   from bfprune import data as data_lib
+  from experiments import pipeline
+  try:
+    dataset = pipeline.load_training_data(settings["dataset"], FLAGS.data_dir,
+                                          FLAGS.train_examples, FLAGS.batch_size)
+  except data_lib.DataError as e:
+    sys.exit(f"collapse.py: data error: {e}")
+  except pipeline.DataSizeError as e:
+    sys.exit(f"collapse.py: error: {e}")
+
+  out = settings["out_dir"]
+  (out / "collapse.md").write_text(to_markdown(results, settings, threshold))
+  (out / "collapse.csv").write_text(to_csv(results))
+  fig = figure(results, settings, threshold)
+  fig.savefig(out / "collapse.png", dpi=120)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    settings = validate_flags()
+  except cfg_lib.ConfigError as e:
+    sys.exit(f"collapse.py: error: {e}")
+
+  import jax  # heavy imports after validation
+  if FLAGS.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  from bfprune import data as data_lib
   try:
     dataset = data_lib.load_dataset(settings["dataset"], FLAGS.data_dir)
   except data_lib.DataError as e:

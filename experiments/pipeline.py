@@ -40,6 +40,30 @@ STRUCTURED_DENSE = {
 }
 
 
+class DataSizeError(ValueError):
+  """The training split is too small for the requested examples / batch (names the flag)."""
+
+
+def load_training_data(dataset: str, data_dir: Optional[str], train_examples: int = 0,
+                       batch_size: int = 0) -> data_lib.Dataset:
+  """``data_lib.load_dataset`` with the training split cut to its first ``train_examples``
+  (0: all of it), checked to hold at least one batch of ``batch_size`` (0: no check).
+
+  Raises ``data_lib.DataError`` (missing / corrupt files) or ``DataSizeError`` naming the flag
+  (``--train_examples`` / ``--batch_size``) that asks for more examples than there are.
+  """
+  ds = data_lib.load_dataset(dataset, data_dir)
+  if train_examples:
+    if train_examples > len(ds.train_x):
+      raise DataSizeError(f"--train_examples={train_examples} exceeds the "
+                          f"{len(ds.train_x)} training examples available")
+    ds = ds._replace(train_x=ds.train_x[:train_examples], train_y=ds.train_y[:train_examples])
+  if batch_size > len(ds.train_x):
+    raise DataSizeError(f"--batch_size={batch_size} exceeds the {len(ds.train_x)} training "
+                        "examples")
+  return ds
+
+
 def build_model(cfg: RunConfig, num_classes: int = 10):
   """The model of ``cfg`` with dense, butterfly, K-matrix or Monarch layers plugged in."""
   head_layer, body_layer = STRUCTURED_DENSE[cfg.factorize_with]

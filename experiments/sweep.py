@@ -124,18 +124,12 @@ def main(argv):
   if not todo:
     return
   try:
-    dataset = data_lib.load_dataset(configs[0].dataset, FLAGS.data_dir)
+    dataset = pipeline.load_training_data(configs[0].dataset, FLAGS.data_dir,
+                                          FLAGS.train_examples, configs[0].batch_size)
   except data_lib.DataError as e:
     sys.exit(f"sweep.py: data error: {e}")
-  if FLAGS.train_examples:
-    if FLAGS.train_examples > len(dataset.train_x):
-      sys.exit(f"sweep.py: error: --train_examples={FLAGS.train_examples} exceeds the "
-               f"{len(dataset.train_x)} training examples available")
-    dataset = dataset._replace(train_x=dataset.train_x[:FLAGS.train_examples],
-                               train_y=dataset.train_y[:FLAGS.train_examples])
-  if configs[0].batch_size > len(dataset.train_x):
-    sys.exit(f"sweep.py: error: --batch_size={configs[0].batch_size} exceeds the "
-             f"{len(dataset.train_x)} training examples")
+  except pipeline.DataSizeError as e:
+    sys.exit(f"sweep.py: error: {e}")
   ckpt_root = Path(FLAGS.out_dir) / "checkpoints"
   for cfg in configs:  # a checkpoint left by a run that finished just before a kill
     if cfg.key() in done and (ckpt_root / cfg.key()).exists():
