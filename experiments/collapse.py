@@ -299,10 +299,12 @@ class Prober:
 
   def _fit(self, head: str, state, masks, epochs: int, first_epoch: int):
     from bfprune import train
+    from experiments import pipeline
     _, _, trainer, _, _ = self._head(head)
     state, history = train.fit(trainer, state, masks, self.dataset.train_x, self.dataset.train_y,
                                epochs=epochs, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                               first_epoch=first_epoch, log=None)
+                               first_epoch=first_epoch, log=None,
+                               chunk_steps=pipeline.chunk_steps(self.settings["model"]))
     return state, sum(h["epoch_seconds"] for h in history)
 
   def _start_state(self, pruner: str, head: str):
