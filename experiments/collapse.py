@@ -642,44 +642,6 @@ def main(argv):
     sys.exit(f"collapse.py: error: {e}")
 
   out = settings["out_dir"]
-  (out / "collapse.md").write_text(to_markdown(results, settings, threshold))
-  (out / "collapse.csv").write_text(to_csv(results))
-  fig = figure(results, settings, threshold)
-  fig.savefig(out / "collapse.png", dpi=120)
-
-
-# ----------------------------------------------------------------------------- main
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    settings = validate_flags()
-  except cfg_lib.ConfigError as e:
-    sys.exit(f"collapse.py: error: {e}")
-
-  import jax  # heavy imports after validation
-  if FLAGS.compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  from bfprune import data as data_lib
-  try:
-    dataset = data_lib.load_dataset(settings["dataset"], FLAGS.data_dir)
-  except data_lib.DataError as e:
-    sys.exit(f"collapse.py: data error: {e}")
-  if FLAGS.train_examples:
-    if FLAGS.train_examples > len(dataset.train_x):
-      sys.exit(f"collapse.py: error: --train_examples={FLAGS.train_examples} exceeds the "
-               f"{len(dataset.train_x)} training examples available")
-    dataset = dataset._replace(train_x=dataset.train_x[:FLAGS.train_examples],
-                               train_y=dataset.train_y[:FLAGS.train_examples])
-  if FLAGS.batch_size > len(dataset.train_x):
-    sys.exit(f"collapse.py: error: --batch_size={FLAGS.batch_size} exceeds the "
-             f"{len(dataset.train_x)} training examples")
-
-  out = settings["out_dir"]
   out.mkdir(parents=True, exist_ok=True)
   prober = Prober(settings, dataset, out / RESULTS)
   results: list[Result] = []
