@@ -179,8 +179,10 @@ class Run:
   ``inference_seconds_sparse`` is NaN for rows written before it existed and for models without
   a sparse path, where the row holds None); ``layers`` maps a layer name to its FLOP density
   (flops_kept / flops), in forward order. Timing context: ``throughput`` is the examples/s of
-  the run's last training epoch (NaN without history), ``timing_env`` the recorded devices and
-  jax version, ``sparse_backfilled`` whether the sparse timing was taken in a later pass.
+  the run's last training epoch (NaN without history; ``history_epochs`` epochs recorded),
+  ``timing_env`` the recorded devices and jax version, ``sparse_backfilled`` whether the sparse
+  timing was taken in a later pass. ``params_total`` reads ``params`` in rows from before the
+  field was renamed.
   """
   dataset: str
   model: str
@@ -203,6 +205,7 @@ class Run:
   timing_env: str = "not recorded"
   sparse_backfilled: bool = False
   params_total: float = math.nan
+  history_epochs: int = 0
 
   def metric(self, name: str) -> float:
     return getattr(self, name)
@@ -324,7 +327,8 @@ def runs_from_rows(rows: Sequence[dict[str, Any]]) -> list[Run]:
         throughput=_last_throughput(r.get("history")), timing_env=_timing_env(r),
         sparse_backfilled=bool(sparse_flag),
         # Rows name the total parameter count params_total; older rows called it params.
-        params_total=_num(r.get("params_total", r.get("params")))))
+        params_total=_num(r.get("params_total", r.get("params"))),
+        history_epochs=len(r["history"]) if isinstance(r.get("history"), list) else 0))
   return runs
 
 
@@ -753,7 +757,9 @@ def _timing_caption(metric: str, runs: Sequence[Run], medians: dict[tuple, float
         "rows record no machine load, so the load of each in-run timing was judged by the "
         "throughput of its run's last training epoch (just before the timing) against the "
         f"median of the runs of the same net ({meds}): {n_busy} of {len(in_run)} timings ran at "
-        f"under {BUSY_FRACTION:g}x it" + (f" ({BUSY_MARK})" if n_busy else ""))
+        f"under {BUSY_FRACTION:g}x it" + (f" ({BUSY_MARK})" if n_busy else "") +
+        ("; with a single training epoch that epoch includes compilation, so the comparison "
+         "is coarse" if any(r.history_epochs == 1 for r in in_run) else ""))
   elif in_run:
     parts.append("rows record neither machine load nor training throughput: timings of "
                  "different runs may have been taken under different loads")
@@ -976,7 +982,9 @@ def _curve_figure(runs: Sequence[Run], dataset: str, model: str, metric: str, yl
                            ("all", ":", "All-factorized, not pruned")):
     cell = make_cell([r for r in dm_runs if r.factorize == fac], metric)
     if cell.n and not (logy and cell.mean <= 0):
-      refs.append((cell.mean, style, name + (f" {COLLAPSE_MARK}" if cell.n_collapsed else "")))
+      # The value in the label: reference lines at the same height stay identifiable.
+      refs.append((cell.mean, style, f"{name}: {cell.mean:.4g}" +
+                   (f" {COLLAPSE_MARK}" if cell.n_collapsed else "")))
   for j, ax in enumerate(axes):
     ylim = zr if j == 1 else None
     _draw_curves(ax, series, grid, styles, logy, ylim, height_pts=72 * height_in * 0.8)
@@ -1028,14 +1036,15 @@ def _curve_figure(runs: Sequence[Run], dataset: str, model: str, metric: str, yl
   return fig
 
 
-CURVE_CAPTION = ("Colour and marker: method; solid line and filled marker: dense head; dashed "
-                 "line and hollow marker: butterfly head. Points are the mean over seeds with ± "
-                 "sample-std bars where there are several; points at the same value are drawn "
-                 "as nested markers (the one drawn first largest), not shifted sideways. A line "
-                 "joins only neighbouring compressions that both have runs. Black x behind a "
-                 "marker: a collapsed run, at its own value. Grey horizontal lines: the nets that do not "
-                 "depend on c. A right-hand panel, where there is one, shows the same data "
-                 "zoomed on the band where most points crowd.")
+CURVE_CAPTION = (
+    "Colour and marker: method; solid line and filled marker: dense head; dashed line and "
+    "hollow marker: butterfly head. Points are the mean over seeds with ± sample-std bars where "
+    "there are several; points at the same value are drawn as nested markers (the one drawn "
+    "first largest), not shifted sideways. A line joins only neighbouring compressions that both "
+    "have runs. Black x behind a marker: a collapsed run, at its own value. Grey horizontal "
+    "lines: the nets that do not depend on c, with their values in the legend (lines at the same "
+    "height overlap). A right-hand panel, where there is one, shows the same data zoomed on the "
+    "band where most points crowd.")
 
 
 def figure1(runs: Sequence[Run], dataset: str, model: str):
