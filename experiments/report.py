@@ -711,7 +711,7 @@ def table2(runs: Sequence[Run]) -> list[Table]:
                       "pass (row field inference_seconds_sparse_backfilled), not in the run's "
                       "own process."),
             envs=env_tags,
-            missing="no run" + (", or no sparse timing" if sparse else ""))
+            missing="no run" + (", or no sparse timing" if sparse else ", or no timing"))
         tables.append(table)
       if empty_heads and len(tables) > first:
         tables[first].caption.append(
@@ -729,7 +729,9 @@ def _timing_caption(metric: str, runs: Sequence[Run], medians: dict[tuple, float
   the runs whose timings it shows)."""
   parts = []
   envs = sorted({r.timing_env for r in runs})
-  if len(envs) == 1:
+  if envs == ["not recorded"]:
+    parts.append("no row records its devices or jax version")
+  elif len(envs) == 1:
     parts.append(f"every timing recorded on {envs[0]}")
   else:
     parts.append(f"{len(envs)} timing environments (devices, jax version), tagged per cell")
