@@ -22,12 +22,12 @@ class ResultsError(ValueError):
 def _parse(path: Path, n: int, line: bytes) -> dict[str, Any]:
   """Line ``n`` (1-based) of ``path`` as a row; ResultsError naming file and line otherwise."""
   try:
-    row = json.loads(line)
+    row = json.loads(line.decode("utf-8"))  # decoded here: json would also guess UTF-16/32
+  except UnicodeDecodeError:
+    raise ResultsError(f"{path}:{n}: not valid UTF-8 text; fix or remove that line") from None
   except json.JSONDecodeError as e:
     raise ResultsError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or "
                        "remove that line") from None
-  except UnicodeDecodeError:
-    raise ResultsError(f"{path}:{n}: not valid UTF-8 text; fix or remove that line") from None
   if not isinstance(row, dict):
     raise ResultsError(f"{path}:{n}: a JSON {type(row).__name__}, not an object (one row per "
                        "line); fix or remove that line")

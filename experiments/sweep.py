@@ -237,6 +237,10 @@ def main(argv):
   except KeyboardInterrupt:
     print(f"sweep: interrupted; {summary()}; the same command resumes", flush=True)
     sys.exit(130)
+  try:
+    ckpt_root.rmdir()  # every run's checkpoints are gone; keep the folder if anything is left
+  except OSError:
+    pass
   print(f"sweep: {summary()}")
 
 
