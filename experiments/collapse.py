@@ -4,7 +4,7 @@ r"""Critical compression of each pruner, with a dense head and a butterfly head.
       [--heads=none,head] [--resolution=0.05] [--c_max=6] [--train_epochs=1]
       [--train_examples=0] [--mag_pre_epochs=1] [--monotone_checks=2] [--seed=0]
       [--factorize_with=butterfly] [--prune_factors] [--searches=collapse,accuracy]
-      [--data_dir=...] [--out_dir=experiments/results/collapse/mnist]
+      [--data_dir=...] [--out_dir=experiments/results/collapse/mnist] [--dry_run]
 
 For every pruner x head (``--heads``: ``none`` = dense classifier, ``head`` = butterfly (or
 ``--factorize_with``) classifier, as ``--factorize`` in sweep.py; its factors are not prunable
@@ -32,6 +32,10 @@ Every probe (pruner, head, c, kind) appends one row atomically to ``<out_dir>/re
 rerunning the command skips probes already there (it replays the bisections from the file).
 Pruned masks are cached in memory per (pruner, head, c), so the accuracy search reuses the
 collapse search's pruning. Outputs: ``collapse.md``, ``collapse.csv`` and ``collapse.png``.
+``--dry_run`` replays each search from results.jsonl and prints how far it gets (finished with
+its c*, or the next probe it needs), computing and writing nothing. A flag value is used as given
+or refused with one line, also a flag no probe would use (e.g. --train_epochs without the
+accuracy search).
 """
 from __future__ import annotations
 

@@ -108,7 +108,8 @@ class RunConfig:
     one_of("prune_schedule", self.prune_schedule, SCHEDULES)
     one_of("prune_scope", self.prune_scope, SCOPES)
     if self.model == "vgg16" and self.dataset != "cifar10":
-      raise ConfigError(f"--model=vgg16 needs 32x32 inputs (--dataset=cifar10), got --dataset={self.dataset}")
+      raise ConfigError(f"--model=vgg16 needs 32x32 inputs (--dataset=cifar10), got "
+                        f"--dataset={self.dataset}")
     if self.batch_norm and self.model != "vgg16":
       raise ConfigError(f"--batch_norm needs --model=vgg16 (the {self.model.upper()} has no "
                         f"BatchNorm); the model here is {self.model} (--dataset={self.dataset})")

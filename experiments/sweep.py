@@ -77,6 +77,8 @@ _USED_BY = {
                         "only snip and grasp prune with examples"),
     "factorize_with": (lambda c: c.factorize != "none",
                        "no run has structured layers (--factorize=none)"),
+    "prune_factors": (lambda c: c.pruner != "none" and c.factorize != "none",
+                      "no run prunes structured layers (needs a pruner and --factorize)"),
 }
 
 
@@ -138,7 +140,8 @@ def configs_from_flags() -> list[cfg_lib.RunConfig]:
         dropout=FLAGS.dropout, batch_norm=FLAGS.batch_norm, seed=seed,
         train_examples=FLAGS.train_examples).validate())
   for name, (uses, why) in _USED_BY.items():
-    if FLAGS[name].present and not any(uses(c) for c in out):
+    given = FLAGS[name].present and FLAGS[name].value is not False  # --noprune_factors is fine
+    if given and not any(uses(c) for c in out):
       raise err(f"{_flag_text(name)} has no effect: {why}")
   return out
 

@@ -65,6 +65,7 @@ def _run(args, **kw):
     (["--pruner=snip", "--prune_schedule=linear"], "--prune_schedule=linear has no effect"),
     (["--pruner=rand", "--prune_per_class=5"], "--prune_per_class=5 has no effect"),
     (["--factorize_with=monarch"], "--factorize_with=monarch has no effect"),
+    (["--prune_factors", "--factorize=head"], "--prune_factors=True has no effect"),
 ])
 def test_bad_flags_fail_fast_with_one_clear_line(args, message, tmp_path):
   out = tmp_path / "out"
