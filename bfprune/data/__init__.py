@@ -326,6 +326,8 @@ def _cifar_tar_members(path: Path, fnames: Sequence[str], optional: Sequence[str
       for member in tar:  # sequential: the archive is a single gzip stream
         if member.name in wanted and member.isfile():
           found[wanted[member.name]] = tar.extractfile(member).read()
+          if len(found) == len(wanted):
+            break
   except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
     raise DataError(f"{path}: truncated or corrupt tar.gz ({type(e).__name__}: {e}); expected the "
                     "CIFAR-10 binary tarball") from e
