@@ -5,28 +5,48 @@ Examples:
   python experiments/sweep.py --pruner=rand,snip --compression=0.5,1,2 --seeds=2
   python experiments/sweep.py --dataset=cifar10 --factorize=head --pruner=synflow
   python experiments/sweep.py --grid=paper_mnist --dry_run          # what it would run
+  python experiments/sweep.py --grid=paper_mnist --shard=2/8        # worker 2 of 8 (0-based)
 
 Every configuration is validated before any training starts: a flag value is used as given or
 refused with one line (a flag no run would use, a flag a --grid sets, an empty or repeated list
 item are refused too). Each finished run appends one row (atomically) to results.jsonl;
 rerunning the same command skips runs already there. The last line says how many runs are
 finished and where their results are.
+
+Many machines, one grid: ``--shard=I/N`` runs part I (0-based) of N of the requested runs (the
+runs sorted by key, every N-th from the I-th), so N workers started with the same flags and a
+shared ``--out_dir`` (e.g. a job array) cover the grid once. Each run is claimed before it starts
+(``experiments/claims.py``: a file ``<out_dir>/claims/<key>`` naming host and pid), so workers
+started twice by mistake, or unsharded sweeps beside sharded ones, never run a configuration
+twice; a claim whose owner is gone (pid not running on its host, or, from another host, no
+heartbeat for ``--claim_timeout`` seconds) is taken over, and the run resumes from its
+checkpoint. Results rows are appended under a file lock, so results.jsonl stays whole.
+
+One run over many processes / hosts: ``--coordinator_address``, ``--num_processes``,
+``--process_id`` (or ``--distributed=auto``) start JAX's multi-controller runtime
+(``experiments/distributed.py``); the mesh spans every process's devices and process 0 alone
+writes results.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging as std_logging
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments import claims as claims_lib  # noqa: E402
 from experiments import config as cfg_lib  # noqa: E402
+from experiments import distributed  # noqa: E402
 from experiments import results_io  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -64,6 +84,13 @@ flags.DEFINE_string("grid", None, "A named grid; it sets "
 flags.DEFINE_bool("dry_run", False, "Print the runs this command would do (how many, then one "
                   "line each: key, settings, finished or to do) and exit: no training, no data "
                   "loaded, nothing written")
+flags.DEFINE_string("shard", None, "I/N: run only part I (0-based) of N of the requested runs "
+                    "(sorted by run key, every N-th from the I-th); N workers with the same "
+                    "flags and --out_dir cover them once")
+flags.DEFINE_float("claim_timeout", 600.0, "Seconds without a heartbeat (refreshed every "
+                   "minute) after which a run claimed by a worker on another host is taken "
+                   "over; on the same host a claim is taken over as soon as its process is gone")
+distributed.define_flags()
 
 # Flags that only some runs use: given explicitly while no run of the command uses them, they
 # would be recorded in every run's key without changing anything, so they are refused.
@@ -155,21 +182,65 @@ def describe(cfg: cfg_lib.RunConfig) -> str:
   return text + f" post_epochs={cfg.post_epochs}"
 
 
-def dry_run(configs: list[cfg_lib.RunConfig], results: Path, done: set[str]) -> None:
-  """Prints the count, then one line per run: key, finished / to do, settings."""
-  finished = sum(c.key() in done for c in configs)
+def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+  """``--shard=I/N`` -> (I, N); None when not given. ConfigError for anything else."""
+  if text is None:
+    return None
+  parts = text.split("/")
   try:
-    _print_runs(configs, results, done, finished)
+    i, n = (int(p) for p in parts)
+  except ValueError:
+    i = n = None
+  if len(parts) != 2 or i is None:
+    raise cfg_lib.ConfigError(f"--shard={text!r} is not I/N (e.g. --shard=0/4: the first of 4 "
+                              "workers)")
+  if n < 1:
+    raise cfg_lib.ConfigError(f"--shard={text}: N must be >= 1")
+  if not 0 <= i < n:
+    raise cfg_lib.ConfigError(f"--shard={text}: I must be in [0, {n - 1}] (workers are "
+                              "numbered from 0)")
+  return i, n
+
+
+def shard_of(configs: list[cfg_lib.RunConfig], i: int, n: int) -> list[cfg_lib.RunConfig]:
+  """Worker ``i`` of ``n``'s runs, in the order requested: the runs sorted by key, every n-th
+  from the i-th. Deterministic, balanced (sizes differ by at most one), and the n parts of one
+  list of runs are disjoint and cover it."""
+  keys = sorted({c.key() for c in configs})
+  mine = set(keys[i::n])
+  return [c for c in configs if c.key() in mine]
+
+
+def dry_run(configs: list[cfg_lib.RunConfig], results: Path, done: set[str],
+            holders: Optional[dict[str, claims_lib.Holder]] = None,
+            shard: Optional[tuple[int, int]] = None, total: Optional[int] = None) -> None:
+  """Prints the count, then one line per run: key, finished / to do / running, settings
+  (a running run, claimed by a live worker, ends with its holder in brackets)."""
+  try:
+    _print_runs(configs, results, done, holders or {}, shard, total)
   except BrokenPipeError:  # e.g. piped into head: the reader has seen enough
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def _print_runs(configs, results, done, finished) -> None:
-  runs = f"{len(configs)} run" + ("s" if len(configs) != 1 else "")
-  print(f"sweep: {runs} ({finished} finished in {results}, {len(configs) - finished} to do); "
-        "dry run, nothing trained or written")
+def _runs_text(n: int) -> str:
+  return f"{n} run" + ("s" if n != 1 else "")
+
+
+def _print_runs(configs, results, done, holders, shard, total) -> None:
+  finished = sum(c.key() in done for c in configs)
+  running = sum(c.key() in holders and c.key() not in done for c in configs)
+  part = f"shard {shard[0]}/{shard[1]} of {_runs_text(total)}: " if shard else ""
+  extra = f", {running} of them running in other workers" if running else ""
+  print(f"sweep: {part}{_runs_text(len(configs))} ({finished} finished in {results}, "
+        f"{len(configs) - finished} to do{extra}); dry run, nothing trained or written")
   for c in configs:
-    print(f"{c.key()}  {'finished' if c.key() in done else 'to do   '}  {describe(c)}")
+    key = c.key()
+    if key in done:
+      print(f"{key}  finished  {describe(c)}")
+    elif key in holders:
+      print(f"{key}  running   {describe(c)}  [claimed by {holders[key].describe()}]")
+    else:
+      print(f"{key}  to do     {describe(c)}")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -179,36 +250,63 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+# Why process 0 skips a run (broadcast to the other processes of a multi-process run).
+_RUN, _RUNNING_ELSEWHERE, _FINISHED_ELSEWHERE = 0, 1, 2
+
+
 def main(argv):
   std_logging.getLogger().addFilter(_QuietLibraries())
   for handler in std_logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  results = Path(FLAGS.out_dir) / "results.jsonl"
+  out_dir = Path(FLAGS.out_dir)
+  results = out_dir / "results.jsonl"
   try:
     configs = configs_from_flags()
+    shard = parse_shard(FLAGS.shard)
+    if not FLAGS.claim_timeout > 0:
+      raise cfg_lib.ConfigError(f"--claim_timeout={FLAGS.claim_timeout:g} must be > 0 seconds")
+    dist = distributed.validate_flags()
     done = results_io.finished_keys(results_io.read_rows(results))
   except (cfg_lib.ConfigError, results_io.ResultsError) as e:
     sys.exit(f"sweep.py: error: {e}")
+  mine = shard_of(configs, *shard) if shard else configs
+  claims_dir = out_dir / "claims"
   if FLAGS.dry_run:
-    dry_run(configs, results, done)
+    holders = claims_lib.live_holders(claims_dir, [c.key() for c in mine], FLAGS.claim_timeout)
+    dry_run(mine, results, done, holders, shard, len(configs))
     return
 
-  todo = [c for c in configs if c.key() not in done]
-  new = 0
+  # Heavy imports after validation so a bad flag fails in a fraction of a second.
+  distributed.initialize(dist)
+  import numpy as np
+  lead = distributed.is_main()  # process 0: decides, claims, writes rows, logs
+  if not lead:
+    logging.set_verbosity(logging.WARNING)
+  # Process 0's view of what is finished is the one every process follows.
+  todo_mask = distributed.from_main(lambda: np.array([c.key() not in done for c in mine]),
+                                    like=np.zeros(len(mine), bool))
+  todo = [c for c, t in zip(mine, todo_mask) if t]
+  counts = {"new": 0, "elsewhere": 0, "running": 0, "lost": 0}
+  part = f"shard {shard[0]}/{shard[1]}: " if shard else ""
 
   def summary() -> str:
-    already = len(configs) - len(todo)
-    return (f"{already + new} of {len(configs)} runs finished ({new} new, {already} already "
-            f"there); results in {results}")
+    already = len(mine) - len(todo) + counts["elsewhere"]
+    text = (f"{part}{already + counts['new']} of {len(mine)} runs finished ({counts['new']} "
+            f"new, {already} already there")
+    if counts["running"]:
+      text += f", {counts['running']} running in other workers"
+    if counts["lost"]:
+      text += f", {counts['lost']} taken over by other workers"
+    return text + f"); results in {results}"
 
-  logging.info("%d runs requested, %d already in %s, %d to do", len(configs),
-               len(configs) - len(todo), results, len(todo))
+  logging.info("%s%d runs requested, %d already in %s, %d to do", part, len(mine),
+               len(mine) - len(todo), results, len(todo))
   if not todo:
-    print(f"sweep: {summary()}")
+    if lead:
+      print(f"sweep: {summary()}")
     return
-  # Heavy imports after validation so a bad flag fails in a fraction of a second.
   from bfprune import data as data_lib
   from experiments import pipeline
   try:
@@ -218,33 +316,83 @@ def main(argv):
     sys.exit(f"sweep.py: data error: {e}")
   except pipeline.DataSizeError as e:
     sys.exit(f"sweep.py: error: {e}")
-  ckpt_root = Path(FLAGS.out_dir) / "checkpoints"
-  for cfg in configs:  # a checkpoint left by a run that finished just before a kill
-    if cfg.key() in done and (ckpt_root / cfg.key()).exists():
-      shutil.rmtree(ckpt_root / cfg.key())
+  ckpt_root = out_dir / "checkpoints"
+  if lead:
+    for cfg in mine:  # a checkpoint left by a run that finished just before a kill
+      if cfg.key() in done and (ckpt_root / cfg.key()).exists():
+        shutil.rmtree(ckpt_root / cfg.key(), ignore_errors=True)
+  worker = f"{socket.gethostname()} pid {os.getpid()}" + (f" shard {FLAGS.shard}" if shard
+                                                          else "")
   try:
     for i, cfg in enumerate(todo, 1):
       tag = f"[{i}/{len(todo)}] {describe(cfg)}"
-      logging.info("%s: start (key %s)", tag, cfg.key())
+      key = cfg.key()
+      claim: Optional[claims_lib.Claim] = None
+
+      def decide() -> int:
+        """Process 0: claim the run; then re-read the results, in case another worker
+        finished it since they were read."""
+        nonlocal claim
+        got = claims_lib.try_claim(claims_dir, key, FLAGS.claim_timeout,
+                                   heartbeat_seconds=min(60.0, FLAGS.claim_timeout / 4),
+                                   note=f"{worker}: {describe(cfg)}")
+        if isinstance(got, claims_lib.Holder):
+          logging.info("%s: skipped, claimed by %s", tag, got.describe())
+          return _RUNNING_ELSEWHERE
+        if key in results_io.finished_keys(results_io.read_rows(results)):
+          got.release()
+          logging.info("%s: skipped, finished by another worker", tag)
+          return _FINISHED_ELSEWHERE
+        claim = got
+        return _RUN
+
+      verdict = int(distributed.from_main(decide, like=np.int32(0)))
+      if verdict == _RUNNING_ELSEWHERE:
+        counts["running"] += 1
+        continue
+      if verdict == _FINISHED_ELSEWHERE:
+        counts["elsewhere"] += 1
+        continue
+      logging.info("%s: start (key %s)", tag, key)
       t0 = time.perf_counter()
-      row = pipeline.run_one(cfg, dataset, ckpt_dir=str(ckpt_root / cfg.key()),
-                             log=lambda s: logging.info("%s: %s", tag, s),
-                             history_log=lambda s: logging.info("%s: %s", tag, s))
+      try:
+        with claim.heartbeat() if claim is not None else contextlib.nullcontext():
+          row = pipeline.run_one(cfg, dataset, ckpt_dir=str(ckpt_root / key),
+                                 log=lambda s: logging.info("%s: %s", tag, s),
+                                 history_log=lambda s: logging.info("%s: %s", tag, s))
+      except BaseException:
+        if claim is not None:  # free for the next worker at once; its checkpoint stays
+          claim.release()
+        raise
+      distributed.barrier(f"run {key} done")  # every process is past its last checkpoint I/O
+      if not lead:
+        continue
       row["data_dir"] = str(FLAGS.data_dir or os.environ.get("BFPRUNE_DATA_DIR", "tfds"))
-      results_io.append_row(results, row)
-      new += 1
-      shutil.rmtree(ckpt_root / cfg.key(), ignore_errors=True)
+      with claim.finishing() as held:
+        if held:  # nobody can take the claim over while the row is written
+          results_io.append_row(results, row)
+      if not held:
+        counts["lost"] += 1
+        logging.warning("%s: finished, but its claim was taken over meanwhile (this worker was "
+                        "silent for more than --claim_timeout=%g s?); its row is left to the "
+                        "new owner", tag, FLAGS.claim_timeout)
+        continue
+      counts["new"] += 1
+      shutil.rmtree(ckpt_root / key, ignore_errors=True)
       logging.info("%s: top1=%.2f density=%.4g flop_density=%.4g collapsed=%s (%.0f s)", tag,
                    row["top1"], row["density"], row["flop_density"], row["collapsed"],
                    time.perf_counter() - t0)
   except KeyboardInterrupt:
-    print(f"sweep: interrupted; {summary()}; the same command resumes", flush=True)
+    if lead:
+      print(f"sweep: interrupted; {summary()}; the same command resumes", flush=True)
     sys.exit(130)
-  try:
-    ckpt_root.rmdir()  # every run's checkpoints are gone; keep the folder if anything is left
-  except OSError:
-    pass
-  print(f"sweep: {summary()}")
+  if lead:
+    try:
+      ckpt_root.rmdir()  # every run's checkpoints are gone; keep the folder if anything is left
+    except OSError:
+      pass
+    claims_lib.remove_if_empty(claims_dir)
+    print(f"sweep: {summary()}")
 
 
 if __name__ == "__main__":
