@@ -5,6 +5,13 @@ dict of metadata (phase, epochs done, history). The data order and dropout / aug
 are pure functions of (seed, epoch, step), so the epoch counter and ``state.step`` restore them
 exactly. Orbax writes into a temporary directory and renames it when complete, so a kill at
 any moment leaves the previous checkpoint intact.
+
+Multi-process runs (``jax.distributed``): orbax's ``CheckpointManager`` is multi-host aware, so
+every process constructs the ``RunCheckpointer`` on the same directory (a file system they all
+see) and calls ``save`` / ``restore`` / ``latest_step`` with the same arguments; orbax
+synchronises them, process 0 writes the (replicated) arrays and the metadata, every process
+reads them back. The tree's arrays must be host values or fully replicated ``jax.Array`` s
+(``jax.device_get`` turns them into host arrays on every process).
 """
 from __future__ import annotations
 
@@ -65,4 +72,5 @@ class RunCheckpointer:
     return _decode_none(out["tree"], target), dict(out["meta"])
 
   def close(self) -> None:
+    """Stops orbax's background work (every process, after its last save)."""
     self._mngr.close()

@@ -5,6 +5,7 @@ r"""Critical compression of each pruner, with a dense head and a butterfly head.
       [--train_examples=0] [--mag_pre_epochs=1] [--monotone_checks=2] [--seed=0]
       [--factorize_with=butterfly] [--prune_factors] [--searches=collapse,accuracy]
       [--data_dir=...] [--out_dir=experiments/results/collapse/mnist] [--dry_run]
+      [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed=auto]
 
 For every pruner x head (``--heads``: ``none`` = dense classifier, ``head`` = butterfly (or
 ``--factorize_with``) classifier, as ``--factorize`` in sweep.py; its factors are not prunable
@@ -36,6 +37,10 @@ collapse search's pruning. Outputs: ``collapse.md``, ``collapse.csv`` and ``coll
 its c*, or the next probe it needs), computing and writing nothing. A flag value is used as given
 or refused with one line, also a flag no probe would use (e.g. --train_epochs without the
 accuracy search).
+
+With the multi-process flags (``experiments/distributed.py``) every probe runs over all
+processes' devices, masks are computed on process 0 and broadcast, and process 0 alone writes
+rows and outputs.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ from absl import app, flags, logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import config as cfg_lib  # noqa: E402
+from experiments import distributed  # noqa: E402
 from experiments import results_io  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -96,6 +102,7 @@ def define_flags() -> None:
                       "JAX persistent compilation cache folder ('' = off). Each probe builds new "
                       "closures (pruning scores, collapse detector), which plain jit recompiles; "
                       "the on-disk cache, keyed by the compiled program, makes repeats cheaper")
+  distributed.define_flags()
 
 
 HEADS = ("none", "head")
@@ -381,7 +388,8 @@ class Prober:
     return len(self._replayed)
 
   def _store(self, row: dict[str, Any]) -> dict[str, Any]:
-    results_io.append_row(self.results, row)
+    if distributed.is_main():  # every process computes the same row; process 0 writes it
+      results_io.append_row(self.results, row)
     self.rows[(row["kind"], row["probe_key"])] = dict(row, _new=True)
     self.computed += 1
     return row
@@ -712,6 +720,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     settings = validate_flags()
+    dist = distributed.validate_flags()
     rows = results_io.read_rows(settings["out_dir"] / RESULTS)
   except (cfg_lib.ConfigError, results_io.ResultsError) as e:
     sys.exit(f"collapse.py: error: {e}")
@@ -719,7 +728,11 @@ def main(argv):
     dry_run(settings, rows, settings["out_dir"] / RESULTS)
     return
 
-  import jax  # heavy imports after validation
+  distributed.initialize(dist)  # heavy imports after validation
+  import jax
+  lead = distributed.is_main()
+  if not lead:  # process 0 logs and writes; the others compute alongside
+    logging.set_verbosity(logging.WARNING)
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -735,7 +748,8 @@ def main(argv):
     sys.exit(f"collapse.py: error: {e}")
 
   out = settings["out_dir"]
-  out.mkdir(parents=True, exist_ok=True)
+  if lead:
+    out.mkdir(parents=True, exist_ok=True)
   try:
     prober = Prober(settings, dataset, out / RESULTS)
   except results_io.ResultsError as e:  # changed since it was checked above
@@ -750,6 +764,8 @@ def main(argv):
         logging.info("%s %s %s: c* = %s (%s, %d probes, %d monotone violations)", pruner,
                      head_name(head), r.search, r.bracket.last_ok, r.bracket.status,
                      len(r.bracket.probes), r.violations)
+  if not lead:
+    return
   write_outputs(results, settings, prober.threshold)
   logging.info("%d probes computed, %d reused from %s; %.0f s; wrote %s/collapse.{md,csv,png}",
                prober.computed, prober.reused, out / RESULTS, time.perf_counter() - t0, out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import statistics
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -27,6 +28,7 @@ from bfprune.pruning import masks as masks_lib
 from bfprune.pruning import schedule
 from bfprune.structured import layers, monarch
 
+from experiments import distributed
 from experiments.config import RunConfig
 
 Log = Callable[[str], None]
@@ -98,7 +100,28 @@ def timed_evaluation(trainer: train.Trainer, state: train.TrainState,
 
 def prune_masks(cfg: RunConfig, model, dataset: data_lib.Dataset, state: train.TrainState,
                 masks, in_shape: tuple[int, ...]):
-  """The masks of ``cfg.pruner`` at ``cfg.density``, scored on the current (masked) network."""
+  """The masks of ``cfg.pruner`` at ``cfg.density``, scored on the current (masked) network.
+
+  In a multi-process run they are computed on process 0 and broadcast, so every process trains
+  with the same masks (``distributed.from_main``).
+  """
+  return distributed.from_main(
+      lambda: _score_and_prune(cfg, model, dataset, state, masks, in_shape),
+      like=jax.tree.map(np.asarray, masks))
+
+
+def mask_digest(masks) -> str:
+  """sha256 of the masks (leaf order, shapes and kept bits): equal digests, equal masks."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(masks):
+    m = np.asarray(leaf, bool)
+    h.update(repr(m.shape).encode())
+    h.update(np.packbits(m.reshape(-1)).tobytes())
+  return h.hexdigest()
+
+
+def _score_and_prune(cfg: RunConfig, model, dataset: data_lib.Dataset,
+                     state: train.TrainState, masks, in_shape: tuple[int, ...]):
   stats = state.batch_stats
   def apply_fn(p, x):  # deterministic forward for scoring: no dropout, norms in inference mode
     return model.apply({"params": p, "batch_stats": stats} if stats else {"params": p}, x,
@@ -307,6 +330,13 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
   ``inference_seconds_sparse`` the real sparse one (``timed_sparse_inference``; None where
   ``bfprune.sparse`` does not support the model). Raises ``SparseCheckError`` when the sparse
   forward disagrees with the dense evaluation (the checkpoint is kept: a rerun only evaluates).
+
+  Multi-process (``experiments/distributed.py``): every process calls ``run_one`` with the same
+  arguments; the mesh spans all processes' devices, masks come from process 0, and every process
+  takes part in the checkpoint saves / restores (``ckpt_dir`` on a file system they share). The
+  sparse timing runs on process 0 only (elsewhere the row says None); the caller writes process
+  0's row. The row's ``devices`` lists every process's devices, ``mask_sha256`` identifies the
+  masks trained with.
   """
   parts = build_run(cfg, dataset, history_log)
   model, in_shape, trainer, eval_data = parts.model, parts.in_shape, parts.trainer, parts.eval_data
@@ -351,10 +381,13 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
     save()
   run_epochs(cfg.pre_epochs + cfg.post_epochs)
 
+  if ckpt is not None:
+    ckpt.close()
   final, seconds = timed_evaluation(trainer, state, eval_data)
+  # Process-local work, done by process 0 alone: only its row is written.
   sparse_seconds = timed_sparse_inference(
       cfg, jax.device_get(state.params), jax.device_get(masks), dataset.test_x, dataset.test_y,
-      model=model, dense_top1=final["top1"], log=log)
+      model=model, dense_top1=final["top1"], log=log) if distributed.is_main() else None
   variables = {"params": state.params, **({"batch_stats": state.batch_stats}
                                           if state.batch_stats else {})}
   summ = metrics.summary(model, jax.device_get(variables), masks, in_shape)
@@ -376,6 +409,8 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
       "train_examples": int(len(dataset.train_x)),
       "test_examples": int(len(dataset.test_x)),
       "jax_version": jax.__version__,
-      "devices": [str(d) for d in jax.local_devices()],
+      "devices": [str(d) for d in jax.devices()],  # every process's, in mesh order
+      "processes": jax.process_count(),
+      "mask_sha256": mask_digest(masks),
   })
   return row
