@@ -2,9 +2,27 @@
 
 The training set lives on the device(s) once; each call of the jitted step function runs a
 chunk of optimizer steps with ``lax.scan`` (the FC on MNIST is so small that per-step
-dispatch would dominate on CPU). Batches are gathered on device from a host-computed
-permutation and sharded over the ``data`` axis of a ``jax.sharding.Mesh`` spanning all local
-devices; parameters and optimizer state are replicated. One device is the degenerate mesh.
+dispatch would dominate on CPU). Data parallelism over the ``data`` axis of a
+``jax.sharding.Mesh`` spanning every device of every process (``make_mesh``; one device is the
+degenerate mesh): the step is a ``shard_map`` in which each device gathers its slice of every
+global batch (columns of the host-computed permutation, so the global batch and its order do not
+depend on the number of devices or processes), computes the loss and gradients of its slice,
+and the gradients, loss and BatchNorm statistics are averaged with one ``pmean`` over the axis.
+Parameters and optimizer state are replicated and never partitioned, so structured layers
+(butterfly, Monarch) compile to the same per-device program as on one device and the only
+collective of a step is that all-reduce (GSPMD partitioning of a jitted step split the
+butterfly passes over devices: hundreds of all-gathers, all-to-alls and collective-permutes).
+
+Random streams (dropout, augmentation) are per device slice: on more than one device the key
+of a step is folded with the device's position on the mesh, so numbers depend on the number of
+devices (not on how they are spread over processes). BatchNorm normalises each device's slice
+with that slice's statistics (as data-parallel BatchNorm without cross-device sync does); the
+running statistics are averaged over devices after every step, so every replica keeps the same.
+
+Multi-process (``jax.distributed``): every process runs the same calls; ``put`` places host
+values as global arrays (each process transfers the shards of its own devices), so the
+training set and the state are replicated on every device and each process feeds its devices'
+slices of every batch.
 
 Masks: the forward pass uses ``params ⊙ masks`` and every update is re-masked, so pruned
 weights stay exactly zero (Adam's moments would otherwise move them).
@@ -39,9 +57,21 @@ class TrainState(NamedTuple):
 
 
 def make_mesh(devices: Optional[list] = None) -> Mesh:
-  """A 1-D mesh with axis ``data`` over ``devices`` (default: all local devices)."""
-  devices = jax.local_devices() if devices is None else devices
+  """A 1-D mesh with axis ``data`` over ``devices`` (default: ``jax.devices()``, every device
+  of every process, in process order)."""
+  devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+  """A host value or array as a global array with ``sharding`` (which may span processes:
+  every process passes the same value and transfers its own devices' shards)."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    # Typed keys cannot be device_put across processes: move their raw data.
+    data = np.asarray(jax.random.key_data(x))
+    return jax.random.wrap_key_data(jax.device_put(data, sharding),
+                                    impl=jax.random.key_impl(x))
+  return jax.device_put(x, sharding)
 
 
 def adam(learning_rate: float = 1e-3) -> optax.GradientTransformation:
@@ -90,22 +120,41 @@ class Trainer:
 
   def __post_init__(self):
     rep = NamedSharding(self.mesh, P())
-    data = NamedSharding(self.mesh, P(DATA_AXIS))
+    cols = NamedSharding(self.mesh, P(None, DATA_AXIS))  # (steps | batches, batch, ...)
     object.__setattr__(self, "_rep", rep)
-    object.__setattr__(self, "_data", data)
+    object.__setattr__(self, "_cols", cols)
+    # check_vma=False: replication of the outputs is ensured by the pmean of everything a step
+    # changes; vma checking rejects the butterfly's custom VJP (its twiddle cotangent is built
+    # by an inner jax.vjp from per-device values).
+    train = jax.shard_map(self._train_chunk_impl, mesh=self.mesh,
+                          in_specs=(P(), P(), P(), P(), P(None, DATA_AXIS), P()),
+                          out_specs=(P(), P()), check_vma=False)
     object.__setattr__(self, "_train_chunk", jax.jit(
-        self._train_chunk_impl, in_shardings=(rep, rep, rep, rep, rep, rep),
-        out_shardings=(rep, rep), donate_argnums=(0,)))
+        train, in_shardings=(rep, rep, rep, rep, cols, rep), out_shardings=(rep, rep),
+        donate_argnums=(0,)))
+    evaluate = jax.shard_map(self._eval_impl, mesh=self.mesh,
+                             in_specs=(P(), P(), P(None, DATA_AXIS), P(None, DATA_AXIS),
+                                       P(None, DATA_AXIS)),
+                             out_specs=P(), check_vma=False)
     object.__setattr__(self, "_eval_all", jax.jit(
-        self._eval_impl, in_shardings=(rep, rep, rep, rep, rep), out_shardings=rep))
+        evaluate, in_shardings=(rep, rep, cols, cols, cols), out_shardings=rep))
 
   @property
   def num_devices(self) -> int:
     return self.mesh.devices.size
 
   def put(self, tree: PyTree) -> PyTree:
-    """Places a pytree (state, masks, dataset arrays) replicated on the mesh."""
-    return jax.device_put(tree, self._rep)
+    """Places a pytree (state, masks, dataset arrays) replicated on the mesh (all processes:
+    each passes the same values)."""
+    return jax.tree.map(lambda x: _place(x, self._rep), tree)
+
+  def put_eval(self, eval_data: "EvalData") -> "EvalData":
+    """Places padded batches (``make_eval_data``) for ``evaluate``: every device holds its
+    columns of every batch (all processes: each passes the same values)."""
+    if np.shape(eval_data.x)[1] % self.num_devices:
+      raise ValueError(f"evaluation batch size {np.shape(eval_data.x)[1]} is not divisible by "
+                       f"the number of devices ({self.num_devices})")
+    return EvalData(*(_place(a, self._cols) for a in eval_data))
 
   # -- training ---------------------------------------------------------------------------
   def _loss(self, params, batch_stats, masks, x, y, key):
@@ -120,16 +169,20 @@ class Trainer:
     return jnp.mean(cross_entropy(logits, y)), new_stats
 
   def _train_chunk_impl(self, state, masks, x_all, y_all, idx, key):
-    """Runs ``idx.shape[0]`` steps; idx (steps, batch) indexes the on-device training set."""
+    """Runs ``idx.shape[0]`` steps on one device (inside ``shard_map``); idx (steps, batch /
+    devices) is this device's columns of the global batches, indexing the training set."""
     def step(state, batch_idx):
       k = jax.random.fold_in(key, state.step)
+      if self.num_devices > 1:  # one stream per device slice (one device: as before)
+        k = jax.random.fold_in(k, jax.lax.axis_index(DATA_AXIS))
       k_aug, k_drop = jax.random.split(k)
-      x = jax.lax.with_sharding_constraint(x_all[batch_idx], self._data)
-      y = jax.lax.with_sharding_constraint(y_all[batch_idx], self._data)
+      x, y = x_all[batch_idx], y_all[batch_idx]
       if self.augment is not None:
         x = self.augment(k_aug, x)
       (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(
           state.params, state.batch_stats, masks, x, y, k_drop)
+      # The one collective: the slices' means average to the global batch's mean.
+      loss, stats, grads = jax.lax.pmean((loss, stats, grads), DATA_AXIS)
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = apply_masks(optax.apply_updates(state.params, updates), masks)
       return TrainState(state.step + 1, params, stats, opt_state), loss
@@ -149,13 +202,24 @@ class Trainer:
     if idx.shape[1] % self.num_devices:
       raise ValueError(f"batch size {idx.shape[1]} is not divisible by the number of devices "
                        f"({self.num_devices})")
-    return self._train_chunk(state, masks, x_all, y_all, jnp.asarray(idx, jnp.int32), key)
+    return self._train_chunk(*self._train_args(state, masks, x_all, y_all, idx, key))
+
+  def _train_args(self, state, masks, x_all, y_all, idx, key) -> tuple:
+    return (state, masks, x_all, y_all, _place(np.asarray(idx, np.int32), self._cols),
+            _place(key, self._rep))
+
+  def lower_train_steps(self, state: TrainState, masks: PyTree, x_all: jax.Array,
+                        y_all: jax.Array, idx: np.ndarray, key: jax.Array) -> jax.stages.Lowered:
+    """The lowered program ``train_steps`` runs for these arguments, e.g. to list the
+    collectives of a step: ``.compile().as_text()``."""
+    return self._train_chunk.lower(*self._train_args(state, masks, x_all, y_all, idx, key))
 
   # -- evaluation -------------------------------------------------------------------------
   def _eval_impl(self, params, batch_stats, x_all, y_all, w_all):
-    """Sums of loss, top-1 and top-5 hits over padded batches x_all (nb, batch, ...)."""
+    """Sums of loss, top-1 and top-5 hits over padded batches x_all (nb, batch, ...); per
+    device (inside ``shard_map``) over its columns of every batch, then summed over devices."""
     def body(acc, batch):
-      x, y, w = (jax.lax.with_sharding_constraint(a, self._data) for a in batch)
+      x, y, w = batch
       logits = self.model.apply(_variables(params, batch_stats), x, train=False)
       loss = cross_entropy(logits, y)
       k = min(5, logits.shape[-1])
@@ -165,11 +229,12 @@ class Trainer:
       return acc + jnp.stack([jnp.sum(w * loss), jnp.sum(w * hit1), jnp.sum(w * hit5),
                               jnp.sum(w)]), None
     acc, _ = jax.lax.scan(body, jnp.zeros(4, jnp.float32), (x_all, y_all, w_all))
-    return acc
+    return jax.lax.psum(acc, DATA_AXIS)
 
   def evaluate(self, state: TrainState, eval_data: "EvalData") -> dict[str, float]:
     """Loss (mean), top-1 and top-5 (percent) over every example of ``eval_data`` once."""
-    loss, h1, h5, n = np.asarray(self._eval_all(state.params, state.batch_stats, *eval_data))
+    loss, h1, h5, n = np.asarray(self._eval_all(state.params, state.batch_stats,
+                                                *self.put_eval(eval_data)))
     return {"loss": float(loss / n), "top1": float(100 * h1 / n), "top5": float(100 * h5 / n)}
 
 
@@ -219,7 +284,7 @@ def fit(trainer: Trainer, state: TrainState, masks: PyTree, train_x: np.ndarray,
   # The train step donates its input state; copy so the caller's ``state`` stays valid.
   state = trainer.put(jax.tree.map(jnp.array, state))
   if eval_data is not None:
-    eval_data = trainer.put(EvalData(*(jnp.asarray(a) for a in eval_data)))
+    eval_data = trainer.put_eval(eval_data)
   key = jax.random.key(seed)
   history = []
   for epoch in range(first_epoch, first_epoch + epochs):

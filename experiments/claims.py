@@ -210,10 +210,3 @@ def live_holders(claims_dir: str | os.PathLike, keys, stale_after: float = 600.0
       out[key] = holder
   return out
 
-
-def remove_if_empty(claims_dir: str | os.PathLike) -> None:
-  """Removes the claims folder when nothing is left in it (another worker may still use it)."""
-  try:
-    Path(claims_dir).rmdir()
-  except OSError:
-    pass

@@ -320,7 +320,7 @@ class Prober:
       tx = train.adam(cfg.lr)
       augment = data_lib.augment_cifar if cfg.dataset == "cifar10" else None
       trainer = train.Trainer(model, tx, train.make_mesh(), augment=augment)
-      eval_data = trainer.put(train.EvalData(*(self._jnp.asarray(a) for a in self._eval_np)))
+      eval_data = trainer.put_eval(self._eval_np)
       self._heads[head] = (model, variables, trainer, eval_data, tx)
     return self._heads[head]
 

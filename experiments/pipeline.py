@@ -166,8 +166,8 @@ def build_run(cfg: RunConfig, dataset: data_lib.Dataset,
   augment = data_lib.augment_cifar if cfg.dataset == "cifar10" else None
   trainer = train.Trainer(model, tx, train.make_mesh(), augment=augment)
   state = train.init_state(variables, masks, tx)
-  eval_data = trainer.put(train.EvalData(*(jnp.asarray(a) for a in train.make_eval_data(
-      dataset.test_x, dataset.test_y, cfg.batch_size))))
+  eval_data = trainer.put_eval(train.make_eval_data(dataset.test_x, dataset.test_y,
+                                                    cfg.batch_size))
   fit = functools.partial(train.fit, trainer, train_x=dataset.train_x, train_y=dataset.train_y,
                           batch_size=cfg.batch_size, seed=cfg.seed, eval_data=eval_data,
                           log=history_log, chunk_steps=chunk_steps(cfg.model))

@@ -38,7 +38,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from absl import app, flags, logging
 
@@ -309,13 +309,17 @@ def main(argv):
     return
   from bfprune import data as data_lib
   from experiments import pipeline
-  try:
-    dataset = pipeline.load_training_data(configs[0].dataset, FLAGS.data_dir,
-                                          FLAGS.train_examples, configs[0].batch_size)
-  except data_lib.DataError as e:
-    sys.exit(f"sweep.py: data error: {e}")
-  except pipeline.DataSizeError as e:
-    sys.exit(f"sweep.py: error: {e}")
+  dataset = None  # loaded with the first run this worker gets (none when others have them all)
+
+  def load() -> Any:
+    try:
+      return pipeline.load_training_data(configs[0].dataset, FLAGS.data_dir,
+                                         FLAGS.train_examples, configs[0].batch_size)
+    except data_lib.DataError as e:
+      sys.exit(f"sweep.py: data error: {e}")
+    except pipeline.DataSizeError as e:
+      sys.exit(f"sweep.py: error: {e}")
+
   ckpt_root = out_dir / "checkpoints"
   if lead:
     for cfg in mine:  # a checkpoint left by a run that finished just before a kill
@@ -356,6 +360,7 @@ def main(argv):
       logging.info("%s: start (key %s)", tag, key)
       t0 = time.perf_counter()
       try:
+        dataset = load() if dataset is None else dataset
         with claim.heartbeat() if claim is not None else contextlib.nullcontext():
           row = pipeline.run_one(cfg, dataset, ckpt_dir=str(ckpt_root / key),
                                  log=lambda s: logging.info("%s: %s", tag, s),
@@ -386,12 +391,14 @@ def main(argv):
     if lead:
       print(f"sweep: interrupted; {summary()}; the same command resumes", flush=True)
     sys.exit(130)
+  finally:
+    if lead:  # folders other workers may still use are kept while anything is in them
+      for folder in (ckpt_root, claims_dir):
+        try:
+          folder.rmdir()
+        except OSError:
+          pass
   if lead:
-    try:
-      ckpt_root.rmdir()  # every run's checkpoints are gone; keep the folder if anything is left
-    except OSError:
-      pass
-    claims_lib.remove_if_empty(claims_dir)
     print(f"sweep: {summary()}")
 
 
