@@ -372,6 +372,7 @@ def test_pruner_aliases_and_the_names_in_the_error():
     np.testing.assert_array_equal(flat_masks(a), flat_masks(b))
     assert Sch.default_rounds(alias) == 1
   assert Sch.default_rounds("synflow") == 100
-  with pytest.raises(ValueError, match="unknown pruner 'obd'; expected one of rand, mag, snip, "
-                                       "grasp, synflow \\(aliases: random = rand, magnitude = mag\\)"):
+  with pytest.raises(ValueError, match=r"unknown pruner 'obd'; expected one of rand, mag, snip, "
+                                       r"grasp, synflow \(aliases: random = rand, "
+                                       r"magnitude = mag\)"):
     Sch.make_score_fn("obd")

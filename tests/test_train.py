@@ -84,9 +84,11 @@ class PlainCNN(nn.Module):
 
 
 class NeedsFlag(nn.Module):
+  """Its train / eval switch is called ``training`` and has no default."""
+
   @nn.compact
-  def __call__(self, x, deterministic: bool):
-    return nn.Dropout(0.5, deterministic=deterministic)(nn.Dense(10)(x))
+  def __call__(self, x, training: bool):
+    return nn.Dropout(0.5, deterministic=not training)(nn.Dense(10)(x))
 
 
 def test_trainer_trains_a_model_without_train_argument(mnist):
@@ -117,9 +119,9 @@ def test_trainer_train_kwarg_resolution():
   assert train.Trainer(PlainCNN(), optax.adam(1e-3), mesh)._mode is None
   assert train.Trainer(models.FC(), optax.adam(1e-3), mesh, train_kwarg=None)._mode is None
   assert train.Trainer(NeedsFlag(), optax.adam(1e-3), mesh,
-                       train_kwarg="deterministic")._mode == "deterministic"
-  with pytest.raises(ValueError, match=r"NeedsFlag.__call__\(x, deterministic: bool\) also "
-                                       "requires deterministic"):
+                       train_kwarg="training")._mode == "training"
+  with pytest.raises(ValueError, match=r"NeedsFlag.__call__\(x, training: bool\) also "
+                                       "requires training"):
     train.Trainer(NeedsFlag(), optax.adam(1e-3), mesh)
   with pytest.raises(ValueError, match="has no argument 'mode'"):
     train.Trainer(models.FC(), optax.adam(1e-3), mesh, train_kwarg="mode")

@@ -71,7 +71,9 @@ def make_score_fn(name: str, apply_fn: S.ApplyFn | None = None, batch: S.Batch |
 
   'random' and 'magnitude' are accepted for 'rand' and 'mag'; any other name raises
   ValueError listing the names. ``scores`` mirrors the params, ``None`` where ``masks`` is
-  ``None`` (leaves that are not prunable). Needs: rand -> ``key``; snip, grasp -> ``apply_fn`` and ``batch`` (x, y); synflow ->
+  ``None`` (leaves that are not prunable).
+
+  Needs: rand -> ``key``; snip, grasp -> ``apply_fn`` and ``batch`` (x, y); synflow ->
   ``apply_fn`` and ``input_shape`` (one example, no batch dim). ``apply_fn`` must be the
   caller's deterministic forward. The jitted kernels compile once per ``apply_fn`` object, so
   keep using the returned function (or the same apply_fn) across rounds and calls.
