@@ -185,7 +185,7 @@ def prune_step(cfg: RunConfig, parts: RunParts, dataset: data_lib.Dataset,
     return state, masks, 0.0
   t0 = time.perf_counter()
   masks = prune_masks(cfg, parts.model, dataset, state, masks, parts.in_shape)
-  state = train.remask(state, masks)
+  state = train.remask(jax.device_get(state), masks)  # on the host: masks are host arrays
   seconds = time.perf_counter() - t0
   log(f"pruned with {cfg.pruner} to density {masks_lib.density(masks):.4g} in {seconds:.1f} s")
   return state, masks, seconds
@@ -397,7 +397,10 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
       "run_key": cfg.key(),
       "top1": final["top1"], "top5": final["top5"], "test_loss": final["loss"],
       "density": masks_lib.density(masks),
-      "params": summ["params"],
+      # All parameters, and those left after pruning (unprunable ones + kept prunable ones).
+      "params_total": summ["params"],
+      "params_kept": (summ["params"] - masks_lib.count_prunable(masks)
+                      + masks_lib.count_kept(masks)),
       "flops": summ["flops"], "flop_density": summ["flop_density"],
       "collapsed": bool(summ["collapsed"]), "collapsed_layer": summ["collapsed_layer"],
       "layers": summ["layers"],

@@ -34,7 +34,8 @@ _STEP_SCRIPT = textwrap.dedent("""
       return variables, trainer, state, trainer.put((jnp.asarray(x), jnp.asarray(y), masks))
 
     def collectives(trainer, state, args, idx):
-      text = trainer.lower_train_steps(state, args[2], args[0], args[1], idx,
+      state = trainer.remask(state, args[2])  # as train_steps does first
+      text = trainer.lower_train_steps(state, args[0], args[1], idx,
                                        jax.random.key(0)).compile().as_text()
       ops = re.findall(r"\\b(all-reduce|all-gather|all-to-all|collective-permute|"
                        r"reduce-scatter|collective-broadcast)(?:-start)?\\(", text)

@@ -203,9 +203,9 @@ def test_killed_run_resumes_to_identical_numbers_without_duplicate_rows(tmp_path
                  capture_output=True, timeout=600)
   (ref_row,) = _rows(ref)
   assert ref_row["pruner"] == "snip" and abs(ref_row["density"] - 0.1) < 1e-4
-  for key in ("top1", "top5", "density", "flop_density", "params", "train_seconds",
-              "inference_seconds", "inference_seconds_sparse", "jax_version", "devices",
-              "collapsed"):
+  for key in ("top1", "top5", "density", "flop_density", "params_total", "params_kept",
+              "train_seconds", "inference_seconds", "inference_seconds_sparse", "jax_version",
+              "devices", "collapsed"):
     assert key in ref_row
 
   out = tmp_path / "killed"
