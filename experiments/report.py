@@ -11,9 +11,8 @@ Writes into ``--out`` (default ``<results>/report``):
 * ``table2.md / .csv``: inference seconds per compression x pruner, same columns: the
   masked-dense model (column = the pruner's name) and, beside it, the real sparse (BCSR) forward
   of ``bfprune.sparse`` ("<pruner> sparse s", row field ``inference_seconds_sparse``) when at
-  least one run of that table has it (rows written before that column existed, or models the
-  sparse path does not support, e.g. a butterfly head, show "–"; see
-  ``experiments/backfill_sparse.py`` for old rows);
+  least one run of that table has it (rows without it, e.g. models the sparse path does not
+  support such as a butterfly head, show "–");
 * ``fig1_top1_<dataset>_<model>.png``: top-1 vs compression, dense head solid, butterfly head
   dashed ("+ BH");
 * ``fig2_flop_density_<dataset>_<model>.png``: FLOP density vs compression, same encoding;
