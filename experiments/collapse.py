@@ -4,7 +4,7 @@ r"""Critical compression of each pruner, with a dense head and a butterfly head.
       [--heads=none,head] [--resolution=0.05] [--c_max=6] [--train_epochs=1]
       [--train_examples=0] [--mag_pre_epochs=1] [--monotone_checks=2] [--seed=0]
       [--factorize_with=butterfly] [--prune_factors] [--searches=collapse,accuracy]
-      [--data_dir=...] [--out_dir=experiments/results/collapse/mnist]
+      [--data_dir=...] [--out_dir=experiments/results/collapse/mnist] [--dry_run]
 
 For every pruner x head (``--heads``: ``none`` = dense classifier, ``head`` = butterfly (or
 ``--factorize_with``) classifier, as ``--factorize`` in sweep.py; its factors are not prunable
@@ -32,6 +32,10 @@ Every probe (pruner, head, c, kind) appends one row atomically to ``<out_dir>/re
 rerunning the command skips probes already there (it replays the bisections from the file).
 Pruned masks are cached in memory per (pruner, head, c), so the accuracy search reuses the
 collapse search's pruning. Outputs: ``collapse.md``, ``collapse.csv`` and ``collapse.png``.
+``--dry_run`` replays each search from results.jsonl and prints how far it gets (finished with
+its c*, or the next probe it needs), computing and writing nothing. A flag value is used as given
+or refused with one line, also a flag no probe would use (e.g. --train_epochs without the
+accuracy search).
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ def define_flags() -> None:
   """Defined on demand (by the script's main) so that importing this module, e.g. for its
   bisection, adds no flags that could clash with other scripts' (sweep.py defines --dataset too)."""
   flags.DEFINE_string("dataset", "mnist", "mnist | cifar10")
-  flags.DEFINE_string("model", "", "fc | vgg16 (default: fc for mnist, vgg16 for cifar10)")
+  flags.DEFINE_string("model", None, "fc | vgg16 (default: fc for mnist, vgg16 for cifar10)")
   flags.DEFINE_string("pruners", "rand,mag,snip,grasp,synflow", "Comma list of pruners")
   flags.DEFINE_string("heads", "none,head",
                       "Comma list: none (dense head) | head (structured head)")
@@ -72,8 +76,10 @@ def define_flags() -> None:
                      "Upper end of the search bracket [0, c_max] (density 10**-c_max)")
   flags.DEFINE_integer("train_epochs", 1, "Training epochs after pruning (accuracy search)")
   flags.DEFINE_integer("train_examples", 0, "Use only the first n training examples (0: all)")
-  flags.DEFINE_integer("mag_pre_epochs", 1, "Dense training epochs before magnitude pruning")
-  flags.DEFINE_integer("prune_rounds", 0, "Pruning rounds (0: 100 for synflow, else 1)")
+  flags.DEFINE_integer("mag_pre_epochs", 1, "Dense training epochs before magnitude pruning, "
+                       ">= 0 (needs mag in --pruners)")
+  flags.DEFINE_integer("prune_rounds", None, "Pruning rounds, >= 1 (default: 100 for synflow, "
+                       "1 for the others)")
   flags.DEFINE_integer("monotone_checks", 2, "Extra probes each side of every bracket (the "
                        "grid points just below c* and just above c* + resolution) to test the "
                        "monotone assumption")
@@ -81,8 +87,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Seed (init, pruning data, random scores, data order)")
   flags.DEFINE_string("data_dir", None, "Folder of the standard data files (default: "
                       "$BFPRUNE_DATA_DIR, else tensorflow-datasets)")
-  flags.DEFINE_string("out_dir", "",
+  flags.DEFINE_string("out_dir", None,
                       "Output folder (default experiments/results/collapse/<dataset>)")
+  flags.DEFINE_bool("dry_run", False, "Print each search (pruner x head x search) and how far "
+                    "the probes already in <out_dir>/results.jsonl take it, then exit: no "
+                    "training, no data loaded, nothing written")
   flags.DEFINE_string("compilation_cache", str(Path(tempfile.gettempdir()) / "bfprune_jax_cache"),
                       "JAX persistent compilation cache folder ('' = off). Each probe builds new "
                       "closures (pruning scores, collapse detector), which plain jit recompiles; "
@@ -189,7 +198,7 @@ def validate_flags() -> dict[str, Any]:
   if FLAGS.dataset not in cfg_lib.DATASETS:
     raise err(f"--dataset={FLAGS.dataset!r} is not valid; expected one of "
               f"{', '.join(cfg_lib.DATASETS)}")
-  model = FLAGS.model or cfg_lib.DEFAULT_MODEL[FLAGS.dataset]
+  model = cfg_lib.DEFAULT_MODEL[FLAGS.dataset] if FLAGS.model is None else FLAGS.model
   if FLAGS.factorize_with not in cfg_lib.FACTORIZE_WITH:
     raise err(f"--factorize_with={FLAGS.factorize_with!r} is not valid; expected one of "
               f"{', '.join(cfg_lib.FACTORIZE_WITH)}")
@@ -200,9 +209,7 @@ def validate_flags() -> dict[str, Any]:
       if item not in allowed:
         raise err(f"--{name}: {item!r} is not valid; expected a comma list of "
                   f"{', '.join(allowed)}")
-    if len(set(items)) != len(items):
-      raise err(f"--{name}={getattr(FLAGS, name)!r} repeats an item")
-    return items
+    return items  # parse_list has refused empty and repeated items
 
   pruners = choices("pruners", cfg_lib.PAPER_PRUNERS)
   heads = choices("heads", HEADS)
@@ -223,9 +230,22 @@ def validate_flags() -> dict[str, Any]:
   for name in ("train_epochs",):
     if getattr(FLAGS, name) < 1:
       raise err(f"--{name}={getattr(FLAGS, name)} must be >= 1")
-  for name in ("mag_pre_epochs", "train_examples", "prune_rounds", "seed", "monotone_checks"):
+  for name in ("mag_pre_epochs", "train_examples", "seed", "monotone_checks"):
     if getattr(FLAGS, name) < 0:
       raise err(f"--{name}={getattr(FLAGS, name)} must be >= 0")
+  if FLAGS.prune_rounds is not None and FLAGS.prune_rounds < 1:
+    raise err(f"--prune_rounds={FLAGS.prune_rounds} must be >= 1 (leave it out for the "
+              "default: 100 for synflow, 1 for the others)")
+  # A flag given explicitly that no probe would use is refused, not silently ignored.
+  for name, used, why in (("mag_pre_epochs", "mag" in pruners, "--pruners has no mag"),
+                          ("train_epochs", "accuracy" in searches,
+                           "only the accuracy search trains (--searches)"),
+                          ("factorize_with", "head" in heads,
+                           "no structured head (--heads has no head)")):
+    if FLAGS[name].present and not used:
+      raise err(f"--{name}={FLAGS[name].value} has no effect: {why}")
+  if FLAGS.out_dir == "":
+    raise err("--out_dir is empty")
   out_dir = Path(FLAGS.out_dir or f"experiments/results/collapse/{FLAGS.dataset}")
   if out_dir.exists() and not out_dir.is_dir():
     raise err(f"--out_dir={str(out_dir)!r} exists and is not a folder")
@@ -615,6 +635,75 @@ def write_outputs(results: Sequence[Result], settings: dict[str, Any], threshold
   fig.savefig(out / "collapse.png", dpi=120)
 
 
+# ----------------------------------------------------------------------------- dry run
+
+
+class _NotStored(Exception):
+  """The replay needs a probe that results.jsonl does not hold."""
+
+  def __init__(self, c: float):
+    super().__init__(c)
+    self.c = c
+
+
+class _Replay:
+  """Stands in for Prober in ``search_pair``: answers probes from stored rows only and raises
+  _NotStored at the first one missing, so a search replays exactly as far as the file goes."""
+
+  def __init__(self, settings: dict[str, Any], rows: Sequence[dict[str, Any]]):
+    self.settings = settings
+    self.rows = {(r.get("kind"), r.get("probe_key")): r for r in rows}
+
+  def _get(self, kind: str, pruner: str, head: str, c: float) -> dict[str, Any]:
+    row = self.rows.get((kind, probe_config(self.settings, pruner, head, c, kind).key()))
+    if row is None:
+      raise _NotStored(c)
+    return row
+
+  def collapse(self, pruner: str, head: str, c: float) -> dict[str, Any]:
+    return self._get("collapse", pruner, head, c)
+
+  def accuracy(self, pruner: str, head: str, c: float) -> dict[str, Any]:
+    return self._get("accuracy", pruner, head, c)
+
+  def clear_masks(self) -> None:
+    pass
+
+
+def dry_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]], results: Path) -> None:
+  """Prints how many searches the flags ask for, then one line per search: finished (its c*)
+  or the next probe it needs, and how many of its probes results.jsonl holds."""
+  replay = _Replay(settings, rows)
+  lines, finished = [], 0
+  for pruner in settings["pruners"]:
+    for head in settings["heads"]:
+      for search in settings["searches"]:
+        stored = sum(1 for (kind, key), r in replay.rows.items() if kind == search
+                     and (r.get("pruner"), r.get("factorize")) == (pruner, head)
+                     and isinstance(r.get("compression"), (int, float))
+                     and key == probe_config(settings, pruner, head, r["compression"],
+                                             kind).key())
+        try:
+          (res,) = search_pair(replay, pruner, head, [search], settings["c_max"],
+                               settings["resolution"], FLAGS.monotone_checks)
+          state = f"finished  c* = {_c_text(res.bracket.last_ok)} ({res.bracket.status})"
+          finished += 1
+        except _NotStored as e:
+          state = f"to do     next probe c = {e.c:g}"
+        lines.append(f"{pruner:8s} {head_name(head):28s} {search:9s} {state}; "
+                     f"{stored} probe(s) stored")
+  def count(n: int, word: str, plural: str = "s") -> str:
+    return f"{n} {word}{plural if n != 1 else ''}"
+
+  n = len(lines)
+  print(f"collapse: {count(n, 'search', 'es')} ({count(len(settings['pruners']), 'pruner')} x "
+        f"{count(len(settings['heads']), 'head')} x "
+        f"{count(len(settings['searches']), 'search', 'es')}, c in [0, {settings['c_max']:g}] "
+        f"step {settings['resolution']:g}): {finished} finished in {results}, {n - finished} to "
+        "do; dry run, nothing computed or written")
+  print("\n".join(lines))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -623,8 +712,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     settings = validate_flags()
-  except cfg_lib.ConfigError as e:
+    rows = results_io.read_rows(settings["out_dir"] / RESULTS)
+  except (cfg_lib.ConfigError, results_io.ResultsError) as e:
     sys.exit(f"collapse.py: error: {e}")
+  if FLAGS.dry_run:
+    dry_run(settings, rows, settings["out_dir"] / RESULTS)
+    return
 
   import jax  # heavy imports after validation
   if FLAGS.compilation_cache:
@@ -643,7 +736,10 @@ def main(argv):
 
   out = settings["out_dir"]
   out.mkdir(parents=True, exist_ok=True)
-  prober = Prober(settings, dataset, out / RESULTS)
+  try:
+    prober = Prober(settings, dataset, out / RESULTS)
+  except results_io.ResultsError as e:  # changed since it was checked above
+    sys.exit(f"collapse.py: error: {e}")
   results: list[Result] = []
   t0 = time.perf_counter()
   for pruner in settings["pruners"]:

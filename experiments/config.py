@@ -31,6 +31,34 @@ GRIDS = {
     "paper_cifar10": {"dataset": "cifar10", "model": "vgg16", "cells": _paper_cells()},
 }  # the study pre-trains 10 epochs before magnitude pruning
 
+# What a grid sets: giving one of these flags together with --grid is an error.
+GRID_FLAGS = ("dataset", "model", "pruner", "compression", "factorize")
+FACTORIZE_NAMES = {"none": "dense head", "head": "butterfly head", "all": "all layers butterfly"}
+
+
+def _unique(items) -> list:
+  return list(dict.fromkeys(items))
+
+
+def describe_grid(name: str) -> str:
+  """One sentence saying what a grid runs and how many runs it is, computed from GRIDS,
+  e.g. 'paper_mnist (mnist, fc): 5 pruners (...) x 6 compressions (...) x {dense head,
+  butterfly head} + 3 unpruned (...) = 63 runs per seed'."""
+  grid = GRIDS[name]
+  cells = grid["cells"]
+  pruned = [cell for cell in cells if cell[1] != "none"]
+  fs, ps, cs = (_unique(cell[i] for cell in pruned) for i in range(3))
+  if len(pruned) == len(fs) * len(ps) * len(cs) == len(set(pruned)):
+    what = (f"{len(ps)} pruners ({', '.join(ps)}) x {len(cs)} compressions "
+            f"({', '.join(f'{c:g}' for c in cs)}) x "
+            f"{{{', '.join(FACTORIZE_NAMES[f] for f in fs)}}}")
+  else:  # not a full product: say how many
+    what = f"{len(pruned)} pruned runs"
+  unpruned = [FACTORIZE_NAMES[f] for f, p, _ in cells if p == "none"]
+  if unpruned:
+    what += f" + {len(unpruned)} unpruned ({', '.join(unpruned)})"
+  return f"{name} ({grid['dataset']}, {grid['model']}): {what} = {len(cells)} runs per seed"
+
 
 class ConfigError(ValueError):
   """A configuration that cannot run; the message names the offending setting."""
@@ -80,7 +108,11 @@ class RunConfig:
     one_of("prune_schedule", self.prune_schedule, SCHEDULES)
     one_of("prune_scope", self.prune_scope, SCOPES)
     if self.model == "vgg16" and self.dataset != "cifar10":
-      raise ConfigError(f"--model=vgg16 needs 32x32 inputs (--dataset=cifar10), got --dataset={self.dataset}")
+      raise ConfigError(f"--model=vgg16 needs 32x32 inputs (--dataset=cifar10), got "
+                        f"--dataset={self.dataset}")
+    if self.batch_norm and self.model != "vgg16":
+      raise ConfigError(f"--batch_norm needs --model=vgg16 (the {self.model.upper()} has no "
+                        f"BatchNorm); the model here is {self.model} (--dataset={self.dataset})")
     if not 0 <= self.compression <= 9:
       raise ConfigError(f"--compression={self.compression} must be in [0, 9] (density = 10**-c)")
     for name in ("pre_epochs", "post_epochs"):
@@ -110,28 +142,37 @@ class RunConfig:
 
 
 def parse_list(text: str, cast=str, name: str = "value") -> list:
-  """Splits a comma list, casting each item; a clear ConfigError on a bad item."""
-  items = [t.strip() for t in str(text).split(",") if t.strip()]
-  if not items:
+  """Splits a comma list, casting each item; a clear ConfigError on an empty list, an empty
+  item (``1,,2``, a trailing comma), an item that does not cast, or an item given twice."""
+  text = str(text)
+  if not text.strip():
     raise ConfigError(f"--{name} is empty")
   out = []
-  for t in items:
+  for t in (t.strip() for t in text.split(",")):
+    if not t:
+      raise ConfigError(f"--{name}={text!r} has an empty item (two commas in a row, or one at "
+                        "an end)")
     try:
-      out.append(cast(t))
+      value = cast(t)
     except ValueError:
       raise ConfigError(f"--{name}: {t!r} is not a valid {cast.__name__}") from None
+    if value in out:
+      raise ConfigError(f"--{name}={text!r} lists {t!r} twice")
+    out.append(value)
   return out
 
 
 def default_pre_epochs(pruner: str, pre_epochs: Optional[int]) -> int:
-  """Flag value -1 means the study's default: 10 for magnitude pruning, 0 otherwise."""
-  if pre_epochs is None or pre_epochs < 0:
+  """None (flag not given) means the study's default: 10 for magnitude pruning, 0 otherwise.
+  A given value is returned as is (RunConfig.validate refuses a negative one)."""
+  if pre_epochs is None:
     return MAG_PRE_EPOCHS if pruner == "mag" else 0
   return pre_epochs
 
 
 def default_rounds(pruner: str, rounds: Optional[int]) -> int:
-  """Flag value 0 means the study's default: SynFlow 100 rounds, the others 1."""
-  if rounds is None or rounds <= 0:
+  """None (flag not given) means the study's default: SynFlow 100 rounds, the others 1.
+  A given value is returned as is (RunConfig.validate refuses one below 1)."""
+  if rounds is None:
     return 100 if pruner == "synflow" else 1
   return rounds

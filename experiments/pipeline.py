@@ -333,7 +333,10 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
       "run_key": cfg.key(),
       "top1": final["top1"], "top5": final["top5"], "test_loss": final["loss"],
       "density": masks_lib.density(masks),
-      "params": summ["params"],
+      # All parameters, and those left after pruning (unprunable ones + kept prunable ones).
+      "params_total": summ["params"],
+      "params_kept": (summ["params"] - masks_lib.count_prunable(masks)
+                      + masks_lib.count_kept(masks)),
       "flops": summ["flops"], "flop_density": summ["flop_density"],
       "collapsed": bool(summ["collapsed"]), "collapsed_layer": summ["collapsed_layer"],
       "layers": summ["layers"],

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -94,12 +95,23 @@ def test_grid_must_divide_c_max():
     (["--monotone_checks=-1"], "--monotone_checks=-1 must be >= 0"),
     (["--factorize_with=fft"], "--factorize_with='fft' is not valid"),
     (["--dataset=mnist", "--model=vgg16"], "needs 32x32 inputs"),
+    (["--model="], "--model='' is not valid"),
+    (["--prune_rounds=0"], "--prune_rounds=0 must be >= 1"),
+    (["--prune_rounds=-1"], "--prune_rounds=-1 must be >= 1"),
+    (["--mag_pre_epochs=-2"], "--mag_pre_epochs=-2 must be >= 0"),
+    (["--pruners=rand,,snip"], "--pruners='rand,,snip' has an empty item"),
+    (["--searches=collapse,"], "--searches='collapse,' has an empty item"),
+    (["--heads=none,none"], "--heads='none,none' lists 'none' twice"),
+    (["--pruners=rand", "--mag_pre_epochs=3"], "--mag_pre_epochs=3 has no effect"),
+    (["--searches=collapse", "--train_epochs=2"], "--train_epochs=2 has no effect"),
+    (["--heads=none", "--factorize_with=monarch"], "--factorize_with=monarch has no effect"),
 ])
 def test_bad_flags_fail_fast_with_one_clear_line(args, message, tmp_path):
   proc = subprocess.run(SCRIPT + args + [f"--out_dir={tmp_path}/out"], env=_env(),
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
-  assert message in proc.stderr, proc.stderr[-2000:]
+  (line,) = proc.stderr.strip().splitlines()  # exactly one line
+  assert line.startswith("collapse.py: error: ") and message in line, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "out").exists()
 
@@ -123,8 +135,34 @@ def _prune_and_detect(dataset, pruner, head, c):
   return metrics.detect_collapse(model, variables, masks, (28, 28, 1))[0]
 
 
+DRY_LINE = re.compile(r"^(\S+) +(dense head|butterfly head) +(collapse|accuracy) +"
+                      r"(finished +c\* = (\S+) \((\w+)\)|to do +next probe c = (\S+)); "
+                      r"(\d+) probe\(s\) stored$")
+
+
+def _dry_run(out):
+  """{(pruner, head, search): (c* or None, status or next probe c, probes stored)}."""
+  proc = subprocess.run(SCRIPT + TINY + [f"--out_dir={out}", "--dry_run"], env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  head, *lines = proc.stdout.strip().splitlines()
+  assert head.startswith("collapse: 8 searches (2 pruners x 2 heads x 2 searches, c in [0, 4] "
+                         "step 0.5): ")
+  out = {}
+  for line in lines:
+    m = DRY_LINE.match(line)
+    assert m, line
+    key = (m[1], "none" if m[2] == "dense head" else "head", m[3])
+    out[key] = (m[5], m[6], int(m[8])) if m[5] else (None, float(m[7]), int(m[8]))
+  assert len(out) == 8
+  return head, out
+
+
 def test_tiny_run_reports_consistent_critical_compressions_and_resumes(tmp_path, mnist):
   out = tmp_path / "out"
+  head, searches = _dry_run(out)  # before: every search starts at c = 0, nothing written
+  assert "0 finished" in head and set(searches.values()) == {(None, 0.0, 0)}
+  assert not out.exists()
   args = SCRIPT + TINY + [f"--out_dir={out}", f"--compilation_cache={tmp_path}/jax_cache"]
   proc = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -165,6 +203,14 @@ def test_tiny_run_reports_consistent_critical_compressions_and_resumes(tmp_path,
       ok = [p for p in probes if p["kind"] == "accuracy" and p["pruner"] == r["pruner"]
             and p["factorize"] == r["head"] and p["compression"] == float(r["c_star"])]
       assert ok and ok[0]["top1"] >= 20.0 and float(r["top1_at_c_star"]) == ok[0]["top1"]
+
+  # A dry run now replays every search from results.jsonl to the table's c* and status.
+  head, searches = _dry_run(out)
+  assert "8 finished" in head
+  for r in rows:
+    c_star, status, stored = searches[(r["pruner"], r["head"], r["search"])]
+    assert (c_star, status) == (f"{float(r['c_star']):g}" if r["c_star"] else "—", r["status"])
+    assert stored == int(r["checked_points"])
 
   # Rerunning replays every probe from results.jsonl: nothing computed, the same table.
   table = (out / "collapse.csv").read_text()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import bfprune
 from bfprune.pruning import masks as M
 from bfprune.pruning import schedule as Sch
 from bfprune.pruning import scores as S
@@ -61,12 +62,12 @@ def test_exact_density_global_and_local(kind, density):
           "all_equal": lambda s: np.ones(s)}[kind]
   scores = M.tree_map_masked(lambda m, p: None if m is None else make(p.shape), masks, params)
   n = M.count_prunable(masks)
-  g = M.masks_from_scores(scores, density, "global")
+  g = M.masks_from_scores(scores, density, "global", allow_empty=True)
   assert M.count_kept(g) == round(density * n)
   want = reference_top_k(jax.tree.leaves(scores), jax.tree.leaves(masks), round(density * n))
   np.testing.assert_array_equal(flat_masks(g), want)
   assert g["l0"]["bias"] is None
-  loc = M.masks_from_scores(scores, density, "local")
+  loc = M.masks_from_scores(scores, density, "local", allow_empty=True)
   for s, m in zip(jax.tree.leaves(scores), jax.tree.leaves(loc)):
     k = round(density * s.size)
     assert int(np.sum(m)) == k
@@ -397,3 +398,52 @@ def test_all_pruners_on_user_defined_cnn():
         for m in jax.tree.leaves(masks):
           assert int(np.sum(m)) == round(0.3 * m.size), name
   assert Sch.default_rounds("synflow") == 100 and Sch.default_rounds("snip") == 1
+
+
+# --- the None convention, empty networks, pruner names ----------------------------------------
+
+
+def test_kept_per_layer_and_tree_map_masked_follow_the_none_convention():
+  rng = np.random.default_rng(7)
+  params = toy_tree(rng)
+  masks = M.masks_from_scores(S.magnitude_scores(params, M.ones_like(params)), 0.4)
+  got = M.kept_per_layer(masks)
+  # Independent count: numpy over the kernels, biases (None masks) left out.
+  want = {f"l{i}/kernel": (int(np.sum(np.asarray(masks[f"l{i}"]["kernel"]))),
+                           int(params[f"l{i}"]["kernel"].size)) for i in range(3)}
+  assert got == want
+  assert sum(k for k, _ in got.values()) == M.count_kept(masks) == round(0.4 * (30 + 20 + 12))
+  # tree_map_masked visits every params leaf, handing None for the unprunable ones.
+  seen = M.tree_map_masked(lambda m, p: "none" if m is None else "mask", masks, params)
+  assert seen == {f"l{i}": {"kernel": "mask", "bias": "none"} for i in range(3)}
+  assert bfprune.kept_per_layer is M.kept_per_layer
+  assert bfprune.tree_map_masked is M.tree_map_masked
+
+
+def test_density_zero_needs_allow_empty():
+  params = toy_tree(np.random.default_rng(8))
+  scores = S.magnitude_scores(params, M.ones_like(params))
+  for call in (lambda **kw: M.masks_from_scores(scores, 0.0, **kw),
+               lambda **kw: M.masks_from_scores(scores, 0, "local", **kw),
+               lambda **kw: Sch.prune(S.magnitude_scores, params, None, 0.0, rounds=2,
+                                      schedule="linear", **kw)):
+    with pytest.raises(ValueError, match="density 0 keeps no prunable weight.*allow_empty=True"):
+      call()
+    assert M.count_kept(call(allow_empty=True)) == 0
+  # A tiny positive density is not refused, even when it rounds to no weight.
+  assert M.count_kept(M.masks_from_scores(scores, 1e-6)) == 0
+
+
+def test_pruner_aliases_and_the_names_in_the_error():
+  params = toy_tree(np.random.default_rng(9))
+  key = jax.random.key(0)
+  for alias, name in (("random", "rand"), ("magnitude", "mag")):
+    a = Sch.prune(Sch.make_score_fn(alias, key=key), params, None, 0.3)
+    b = Sch.prune(Sch.make_score_fn(name, key=key), params, None, 0.3)
+    np.testing.assert_array_equal(flat_masks(a), flat_masks(b))
+    assert Sch.default_rounds(alias) == 1
+  assert Sch.default_rounds("synflow") == 100
+  with pytest.raises(ValueError, match=r"unknown pruner 'obd'; expected one of rand, mag, snip, "
+                                       r"grasp, synflow \(aliases: random = rand, "
+                                       r"magnitude = mag\)"):
+    Sch.make_score_fn("obd")

@@ -3,14 +3,18 @@
 Sources, in order:
 1. a folder of the standard files, given as ``data_dir`` or by the environment variable
    ``BFPRUNE_DATA_DIR``. MNIST: the four idx files (``*.gz`` or uncompressed) in ``<dir>/`` or
-   ``<dir>/mnist/``. CIFAR-10: the python batches (``data_batch_1..5``, ``test_batch``) in
-   ``<dir>/``, ``<dir>/cifar-10-batches-py[-partial]/`` or ``<dir>/cifar10/cifar-10-batches-py[-partial]/``.
-2. tensorflow-datasets, only when no folder is given at all (neither argument nor variable).
+   ``<dir>/mnist/``. CIFAR-10: the python batches (``data_batch_1..5``, ``test_batch``) or the
+   binary ones (``data_batch_1..5.bin``, ``test_batch.bin``) in ``<dir>/``,
+   ``<dir>/cifar-10-batches-{py,py-partial,bin}/`` or ``<dir>/cifar10/cifar-10-batches-{...}/``.
+2. only when no folder is given at all (neither argument nor variable): the same standard files
+   downloaded by tensorflow-datasets' ``DownloadManager`` (its URLs, sha256 checksums and cache,
+   ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``; no TensorFlow needed), read by the readers
+   below: MNIST's idx ``.gz`` files, CIFAR-10's binary tarball ``cifar-10-binary.tar.gz``. See
+   ``bfprune/data/_tfds.py``; ``python -m bfprune.data fetch DIR`` writes them into a folder.
 
-Everything read from a folder is checked before use; any problem raises one ``DataError`` that
-names the file and what was expected. MNIST files are also checked against the official digests
-(gzip md5, or the sha256 of the decompressed idx bytes so that uncompressed or re-gzipped copies
-are accepted).
+Everything read is checked before use; any problem raises one ``DataError`` that names the file
+and what was expected. MNIST files are also checked against the official digests (gzip md5, or
+the sha256 of the decompressed idx bytes so that uncompressed or re-gzipped copies are accepted).
 
 Images come back float32 NHWC, normalised per channel with the usual dataset statistics;
 labels int32.
@@ -22,6 +26,7 @@ import hashlib
 import io
 import os
 import pickle
+import tarfile
 import warnings
 import zlib
 from pathlib import Path
@@ -193,23 +198,9 @@ def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> None:
     raise DataError(f"{path}: label {int(labels.max())} out of range, expected 0..{num_classes - 1}")
 
 
-def load_mnist(split: str, data_dir: str | os.PathLike | None = None, *,
-               verify_checksums: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """MNIST ``split`` ('train' | 'test') -> (images float32 (N, 28, 28, 1), labels int32 (N,)).
-
-  Images are normalised with mean 0.1307 and std 0.3081 (of the [0, 1] pixels). Reads
-  ``<dir>/`` or ``<dir>/mnist/`` (``*-idx?-ubyte[.gz]``); ``dir`` is ``data_dir`` or
-  ``$BFPRUNE_DATA_DIR``; with neither, tensorflow-datasets. ``verify_checksums=False`` skips the
-  official digests (for a deliberately modified copy); structure is always checked.
-  """
-  _check_split(split)
-  root = _resolve_dir(data_dir)
-  if root is None:
-    return _load_tfds("mnist", split, (28, 28, 1), MNIST_MEAN, MNIST_STD)
-  prefix = "train" if split == "train" else "t10k"
-  dirs = [root, root / "mnist"]
-  img_path = _find(dirs, _mnist_candidates(f"{prefix}-images", 3), f"MNIST {split} images")
-  lab_path = _find(dirs, _mnist_candidates(f"{prefix}-labels", 1), f"MNIST {split} labels")
+def _mnist_from_files(img_path: Path, lab_path: Path, prefix: str, verify_checksums: bool
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Checked, normalised (images, labels) of one split from its two idx files."""
   # Structure first (clearer messages for the common failure modes), digests last.
   img_raw, img_content = _read_idx(img_path)
   lab_raw, lab_content = _read_idx(lab_path)
@@ -223,6 +214,31 @@ def load_mnist(split: str, data_dir: str | os.PathLike | None = None, *,
     _verify_mnist(img_path, f"{prefix}-images", img_raw, img_content)
     _verify_mnist(lab_path, f"{prefix}-labels", lab_raw, lab_content)
   return _normalise(images[..., None], MNIST_MEAN, MNIST_STD), labels.astype(np.int32)
+
+
+def load_mnist(split: str, data_dir: str | os.PathLike | None = None, *,
+               verify_checksums: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """MNIST ``split`` ('train' | 'test') -> (images float32 (N, 28, 28, 1), labels int32 (N,)).
+
+  Images are normalised with mean 0.1307 and std 0.3081 (of the [0, 1] pixels). Reads
+  ``<dir>/`` or ``<dir>/mnist/`` (``*-idx?-ubyte[.gz]``); ``dir`` is ``data_dir`` or
+  ``$BFPRUNE_DATA_DIR``; with neither, the official ``.gz`` files through tensorflow-datasets'
+  download cache. ``verify_checksums=False`` skips the official digests (for a deliberately
+  modified copy); structure is always checked.
+  """
+  _check_split(split)
+  prefix = "train" if split == "train" else "t10k"
+  root = _resolve_dir(data_dir)
+  if root is None:
+    from bfprune.data import _tfds
+    files = _tfds.download("mnist")
+    img_path, lab_path = (files[f"{prefix}-{kind}-idx{d}-ubyte.gz"]
+                          for kind, d in (("images", 3), ("labels", 1)))
+  else:
+    dirs = [root, root / "mnist"]
+    img_path = _find(dirs, _mnist_candidates(f"{prefix}-images", 3), f"MNIST {split} images")
+    lab_path = _find(dirs, _mnist_candidates(f"{prefix}-labels", 1), f"MNIST {split} labels")
+  return _mnist_from_files(img_path, lab_path, prefix, verify_checksums)
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -254,22 +270,78 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     return getattr(np, name)
 
 
+_CIFAR_SUBDIRS = ("cifar-10-batches-py", "cifar-10-batches-py-partial", "cifar-10-batches-bin")
+_CIFAR_TAR_PREFIX = "cifar-10-batches-bin/"  # folder inside the official binary tarball
+_CIFAR_RECORD = 1 + 3 * 32 * 32  # binary format: label byte, then 1024 R, 1024 G, 1024 B
+
+
 def _cifar_dirs(root: Path) -> list[Path]:
-  return [root, root / "cifar-10-batches-py", root / "cifar-10-batches-py-partial",
-          root / "cifar10" / "cifar-10-batches-py", root / "cifar10" / "cifar-10-batches-py-partial"]
+  return [root] + [root / s for s in _CIFAR_SUBDIRS] + [root / "cifar10" / s for s in _CIFAR_SUBDIRS]
 
 
 def _cifar_files(root: Path, names: Sequence[str], split: str) -> list[Path]:
-  """All ``names`` from the first candidate folder holding any of them (no mixing of folders)."""
+  """All ``names`` (python batches) or all ``names`` + ``.bin`` (binary batches) from the first
+  candidate folder holding any of them (no mixing of folders or formats)."""
   dirs = _cifar_dirs(root)
   for d in dirs:
-    if any((d / n).is_file() for n in names):
-      missing = [str(d / n) for n in names if not (d / n).is_file()]
-      if missing:
-        raise DataError(f"CIFAR-10 {split}: incomplete folder {d}; missing: {', '.join(missing)}")
-      return [d / n for n in names]
+    for want in (list(names), [n + ".bin" for n in names]):
+      if any((d / n).is_file() for n in want):
+        missing = [str(d / n) for n in want if not (d / n).is_file()]
+        if missing:
+          raise DataError(f"CIFAR-10 {split}: incomplete folder {d}; missing: {', '.join(missing)}")
+        return [d / n for n in want]
   listing = "\n  ".join(str(d / n) for d in dirs for n in names)
-  raise DataError(f"CIFAR-10 {split}: files not found; searched:\n  {listing}")
+  raise DataError(f"CIFAR-10 {split}: files not found (python batches, or the same names + .bin); "
+                  f"searched:\n  {listing}")
+
+
+def _parse_cifar_binary(where: str, content: bytes) -> tuple[np.ndarray, np.ndarray]:
+  """One binary batch (records of 1 label byte + 3072 pixel bytes) -> (uint8 (N, 32, 32, 3),
+  labels int32 (N,)). ``where`` names the file in messages."""
+  if not content or len(content) % _CIFAR_RECORD:
+    raise DataError(f"{where}: {len(content)} bytes, expected a positive multiple of "
+                    f"{_CIFAR_RECORD} (records of 1 label byte + 3072 pixel bytes)")
+  rows = np.frombuffer(content, np.uint8).reshape(-1, _CIFAR_RECORD)
+  labels = rows[:, 0]
+  if labels.max() > 9:
+    bad = int(np.argmax(labels > 9))
+    raise DataError(f"{where}: record {bad} has label {labels[bad]}, expected 0..9")
+  # Pixels are channel-major (1024 R, 1024 G, 1024 B), each plane row-major, as in the pickles.
+  images = rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return images, labels.astype(np.int32)
+
+
+def _read_cifar_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
+  return _parse_cifar_binary(str(path), _read_bytes(path))
+
+
+def _cifar_tar_members(path: Path, fnames: Sequence[str], optional: Sequence[str] = ()
+                       ) -> dict[str, bytes]:
+  """Raw bytes of ``cifar-10-batches-bin/<fname>`` for each of ``fnames`` (and of ``optional``
+  where present), read straight from the official tarball in one pass."""
+  wanted = {_CIFAR_TAR_PREFIX + n: n for n in (*fnames, *optional)}
+  found: dict[str, bytes] = {}
+  try:
+    with tarfile.open(path, "r:gz") as tar:
+      for member in tar:  # sequential: the archive is a single gzip stream
+        if member.name in wanted and member.isfile():
+          found[wanted[member.name]] = tar.extractfile(member).read()
+          if len(found) == len(wanted):
+            break
+  except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    raise DataError(f"{path}: truncated or corrupt tar.gz ({type(e).__name__}: {e}); expected the "
+                    "CIFAR-10 binary tarball") from e
+  missing = [_CIFAR_TAR_PREFIX + n for n in fnames if n not in found]
+  if missing:
+    raise DataError(f"{path}: no {', '.join(missing)} in the archive; expected the CIFAR-10 "
+                    "binary tarball")
+  return found
+
+
+def _read_cifar_tar(path: Path, names: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Binary batches ``names`` (without ``.bin``) from the official tarball, checked."""
+  raw = _cifar_tar_members(path, [n + ".bin" for n in names])
+  return [_parse_cifar_binary(f"{path}:{_CIFAR_TAR_PREFIX}{n}.bin", raw[n + ".bin"]) for n in names]
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -305,41 +377,30 @@ def load_cifar10(split: str, data_dir: str | os.PathLike | None = None
   """CIFAR-10 ``split`` -> (images float32 (N, 32, 32, 3), labels int32 (N,)).
 
   Normalised per channel with mean (0.4914, 0.4822, 0.4465) and std (0.2470, 0.2435, 0.2616).
-  Batch files may hold any number of rows (a partial copy loads, with a ``DataWarning``); the
-  train split concatenates ``data_batch_1..5`` in order. No checksums: the official pickles are
-  often re-written, so the structure and label range are checked instead.
+  Batch files (python or binary) may hold any number of rows (a partial copy loads, with a
+  ``DataWarning``); the train split concatenates ``data_batch_1..5`` in order. No checksums on
+  folders: the official pickles are often re-written, so the structure and label range are
+  checked instead. With no folder, the binary tarball through tensorflow-datasets' download
+  cache (its sha256 checked against tfds's registered one).
   """
   _check_split(split)
   root = _resolve_dir(data_dir)
-  if root is None:
-    return _load_tfds("cifar10", split, (32, 32, 3), CIFAR10_MEAN, CIFAR10_STD)
   names = _CIFAR_TRAIN_FILES if split == "train" else _CIFAR_TEST_FILES
-  parts = [_read_cifar_batch(p) for p in _cifar_files(root, names, split)]
+  if root is None:
+    from bfprune.data import _tfds
+    source = _tfds.download("cifar10")["cifar-10-binary.tar.gz"]
+    parts = _read_cifar_tar(source, names)
+  else:
+    source = root
+    paths = _cifar_files(root, names, split)
+    read = _read_cifar_binary if paths[0].suffix == ".bin" else _read_cifar_batch
+    parts = [read(p) for p in paths]
   images = np.concatenate([p[0] for p in parts])
   labels = np.concatenate([p[1] for p in parts])
   if images.shape[0] != _CIFAR_FULL[split]:
-    warnings.warn(f"CIFAR-10 {split} under {root}: {images.shape[0]} images, the official split has "
-                  f"{_CIFAR_FULL[split]} (partial copy)", DataWarning, stacklevel=2)
+    warnings.warn(f"CIFAR-10 {split} under {source}: {images.shape[0]} images, the official split "
+                  f"has {_CIFAR_FULL[split]} (partial copy)", DataWarning, stacklevel=2)
   return _normalise(images, CIFAR10_MEAN, CIFAR10_STD), labels
-
-
-# --------------------------------------------------------------------------- tfds fallback
-
-def _load_tfds(name: str, split: str, shape: tuple[int, int, int], mean: Sequence[float],
-               std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-  """tensorflow-datasets ``name`` / ``split`` as whole arrays (downloads on first use)."""
-  try:
-    import tensorflow_datasets as tfds  # heavy and optional: only imported on this path
-  except ImportError as e:
-    raise DataError(f"no data folder given (argument or ${ENV_VAR}) and tensorflow-datasets is "
-                    f"not installed; cannot load {name}") from e
-  ds = tfds.load(name, split=split, batch_size=-1, as_supervised=True)
-  images, labels = tfds.as_numpy(ds)
-  images, labels = np.asarray(images), np.asarray(labels)
-  if images.dtype != np.uint8 or images.shape[1:] != shape or labels.shape != images.shape[:1]:
-    raise DataError(f"tfds {name}/{split}: images {images.dtype} {images.shape}, labels "
-                    f"{labels.shape}; expected uint8 (N, {', '.join(map(str, shape))}) and (N,)")
-  return _normalise(images, mean, std), labels.astype(np.int32)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -354,6 +415,63 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
   train_x, train_y = _LOADERS[name]("train", data_dir)
   test_x, test_y = _LOADERS[name]("test", data_dir)
   return Dataset(train_x, train_y, test_x, test_y, num_classes=10, name=name)
+
+
+# --------------------------------------------------------------------------- fetch
+
+def _write_atomic(path: Path, content: bytes) -> None:
+  """Writes ``path`` through a temporary file beside it: a reader never sees half a file."""
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def fetch(name: str, dest: str | os.PathLike) -> Path:
+  """Writes the standard files of ``name`` ('mnist' | 'cifar10') into the folder ``dest``.
+
+  The files come through tensorflow-datasets' download cache (downloaded on first use, see
+  ``load_dataset`` without a folder) and are written atomically in the layout the folder
+  loaders read: MNIST's four official ``.gz`` files as they are into ``dest/mnist/``; CIFAR-10's
+  binary batches (``data_batch_1..5.bin``, ``test_batch.bin``, ``batches.meta.txt``) out of the
+  tarball into ``dest/cifar10/cifar-10-batches-bin/``. Everything is checked before it is
+  written (MNIST digests and structure, CIFAR-10 record structure; the tarball's sha256 is the
+  one tfds registers), and the loaders must then find the written files first under ``dest``. Returns the folder
+  written.
+  """
+  from bfprune.data import _tfds
+  if name not in _LOADERS:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(_LOADERS)}")
+  root = Path(dest).expanduser().absolute()
+  if name == "mnist":
+    files = _tfds.download("mnist")
+    out = root / "mnist"
+    for prefix in ("train", "t10k"):
+      pair = [files[f"{prefix}-{k}-idx{d}-ubyte.gz"] for k, d in (("images", 3), ("labels", 1))]
+      _mnist_from_files(*pair, prefix, verify_checksums=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for fname, path in files.items():
+      _write_atomic(out / fname, _read_bytes(path))
+    found = {_find([root, out], _mnist_candidates(s, d), s).parent
+             for s, d in (("train-images", 3), ("train-labels", 1), ("t10k-images", 3),
+                          ("t10k-labels", 1))}
+  else:
+    tar_path = _tfds.download("cifar10")["cifar-10-binary.tar.gz"]
+    out = root / "cifar10" / "cifar-10-batches-bin"
+    bins = [n + ".bin" for n in _CIFAR_TRAIN_FILES + _CIFAR_TEST_FILES]
+    contents = _cifar_tar_members(tar_path, bins, optional=["batches.meta.txt"])
+    for fname in bins:  # the tarball's sha256 is tfds's registered one; structure anyway
+      _parse_cifar_binary(f"{tar_path}:{_CIFAR_TAR_PREFIX}{fname}", contents[fname])
+    out.mkdir(parents=True, exist_ok=True)
+    for fname, content in contents.items():
+      _write_atomic(out / fname, content)
+    found = {_cifar_files(root, ns, "")[0].parent for ns in (_CIFAR_TRAIN_FILES, _CIFAR_TEST_FILES)}
+  if found != {out}:
+    raise DataError(f"wrote {out}, but the loader reads {', '.join(map(str, sorted(found)))} "
+                    f"first under {root}; remove that copy or fetch into another folder")
+  return out
 
 
 # --------------------------------------------------------------------------- batching
