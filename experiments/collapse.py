@@ -730,6 +730,9 @@ def main(argv):
 
   distributed.initialize(dist)  # heavy imports after validation
   import jax
+  if FLAGS.batch_size % jax.device_count():
+    sys.exit(f"collapse.py: error: --batch_size={FLAGS.batch_size} is not divisible by the "
+             f"{jax.device_count()} devices the batch is split over")
   lead = distributed.is_main()
   if not lead:  # process 0 logs and writes; the others compute alongside
     logging.set_verbosity(logging.WARNING)

@@ -280,7 +280,11 @@ def main(argv):
 
   # Heavy imports after validation so a bad flag fails in a fraction of a second.
   distributed.initialize(dist)
+  import jax
   import numpy as np
+  if FLAGS.batch_size % jax.device_count():
+    sys.exit(f"sweep.py: error: --batch_size={FLAGS.batch_size} is not divisible by the "
+             f"{jax.device_count()} devices the batch is split over")
   lead = distributed.is_main()  # process 0: decides, claims, writes rows, logs
   if not lead:
     logging.set_verbosity(logging.WARNING)

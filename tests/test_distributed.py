@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 from conftest import REPO, data_dir
 
@@ -34,7 +35,6 @@ _STEP_SCRIPT = textwrap.dedent("""
       return variables, trainer, state, trainer.put((jnp.asarray(x), jnp.asarray(y), masks))
 
     def collectives(trainer, state, args, idx):
-      state = trainer.remask(state, args[2])  # as train_steps does first
       text = trainer.lower_train_steps(state, args[0], args[1], idx,
                                        jax.random.key(0)).compile().as_text()
       ops = re.findall(r"\\b(all-reduce|all-gather|all-to-all|collective-permute|"
@@ -118,6 +118,34 @@ def test_the_data_parallel_step_has_one_all_reduce_and_no_partitioned_layers():
 
 
 # ------------------------------------------------------------------ multi-process sweeps
+
+
+@pytest.mark.parametrize("script", ["sweep.py", "collapse.py"])
+@pytest.mark.parametrize("args, message", [
+    (["--num_processes=2"], "--num_processes=2 needs --coordinator_address and --process_id"),
+    (["--coordinator_address=h:1", "--process_id=0"], "needs --num_processes too"),
+    (["--distributed=auto", "--process_id=1"], "--distributed=auto detects the cluster itself; "
+                                               "drop --process_id"),
+    (["--distributed=yes"], "--distributed='yes' is not valid; expected off or auto"),
+    (["--coordinator_address=nohost", "--num_processes=2", "--process_id=0"],
+     "--coordinator_address='nohost' is not host:port"),
+    (["--coordinator_address=h:70000", "--num_processes=2", "--process_id=0"], "is not host:port"),
+    (["--coordinator_address=h:1", "--num_processes=0", "--process_id=0"],
+     "--num_processes=0 must be >= 1"),
+    (["--coordinator_address=h:1", "--num_processes=2", "--process_id=2"],
+     "--process_id=2 must be in [0, 1] (--num_processes=2)"),
+    (["--batch_size=6"], "--batch_size=6 is not divisible by the 4 devices"),
+])
+def test_bad_distributed_flags_are_one_line(script, args, message, tmp_path):
+  extra = ["--pruners=rand", "--searches=collapse"] if script == "collapse.py" else []
+  proc = subprocess.run([sys.executable, str(REPO / "experiments" / script)] + args + extra
+                        + [f"--out_dir={tmp_path / 'out'}"], env=_env(4), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith(f"{script}: error: ") and message in line, proc.stderr[-2000:]
+  assert not (tmp_path / "out").exists()
+
 
 
 def _free_port() -> int:

@@ -164,6 +164,24 @@ def _dry_keys(args, out):
   return head, [line.split()[0] for line in lines], lines
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--shard=1"], "--shard='1' is not I/N"),
+    (["--shard=a/b"], "--shard='a/b' is not I/N"),
+    (["--shard=1/2/3"], "--shard='1/2/3' is not I/N"),
+    (["--shard=0/0"], "--shard=0/0: N must be >= 1"),
+    (["--shard=3/3"], "--shard=3/3: I must be in [0, 2]"),
+    (["--shard=-1/3"], "--shard=-1/3: I must be in [0, 2]"),
+    (["--claim_timeout=0"], "--claim_timeout=0 must be > 0 seconds"),
+])
+def test_bad_shard_flags_are_one_line(args, message, tmp_path):
+  proc = subprocess.run(SWEEP + args + [f"--out_dir={tmp_path / 'out'}"], env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith("sweep.py: error: ") and message in line, proc.stderr[-2000:]
+  assert not (tmp_path / "out").exists()
+
+
 def test_shards_split_the_runs_disjointly_and_evenly_and_dry_run_shows_claims(tmp_path):
   args = ["--pruner=rand,mag,snip", "--compression=0.5,1,2", "--seeds=2"]  # 18 runs
   _, every, _ = _dry_keys(args, tmp_path)
