@@ -89,7 +89,7 @@ def initialize(settings: Optional[Settings]) -> None:
   import jax
   # Cross-process collectives on CPU (tests, CPU clusters) need an implementation; GPUs and
   # TPUs bring their own and ignore this option.
-  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+  if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if settings.auto:
     jax.distributed.initialize()

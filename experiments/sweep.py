@@ -289,8 +289,9 @@ def main(argv):
   if not lead:
     logging.set_verbosity(logging.WARNING)
   # Process 0's view of what is finished is the one every process follows.
-  todo_mask = distributed.from_main(lambda: np.array([c.key() not in done for c in mine]),
-                                    like=np.zeros(len(mine), bool))
+  todo_mask = distributed.from_main(
+      lambda: np.array([c.key() not in done for c in mine], bool),
+      like=np.zeros(len(mine), bool)) if mine else []
   todo = [c for c, t in zip(mine, todo_mask) if t]
   counts = {"new": 0, "elsewhere": 0, "running": 0, "lost": 0}
   part = f"shard {shard[0]}/{shard[1]}: " if shard else ""
@@ -354,7 +355,7 @@ def main(argv):
         claim = got
         return _RUN
 
-      verdict = int(distributed.from_main(decide, like=np.int32(0)))
+      verdict = int(distributed.from_main(lambda: np.int32(decide()), like=np.int32(0)))
       if verdict == _RUNNING_ELSEWHERE:
         counts["running"] += 1
         continue
