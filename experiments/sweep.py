@@ -51,6 +51,8 @@ flags.DEFINE_integer("seeds", 1, "Number of seeds: seed, seed+1, ...")
 flags.DEFINE_string("data_dir", None, "Folder of the standard data files (default: "
                     "$BFPRUNE_DATA_DIR, else tensorflow-datasets)")
 flags.DEFINE_string("out_dir", "runs/sweep", "Where results.jsonl and checkpoints are written")
+flags.DEFINE_string("compilation_cache", "", "JAX persistent compilation cache folder, or 'none' "
+                    "(default: $XDG_CACHE_HOME/bfprune/jax): same-shaped runs reuse compiles")
 flags.DEFINE_string("grid", "", "A named grid overriding --pruner/--compression/--factorize: "
                     + " | ".join(cfg_lib.GRIDS))
 
@@ -115,6 +117,10 @@ def main(argv):
   # Heavy imports after validation so a bad flag fails in a fraction of a second.
   from bfprune import data as data_lib
   from experiments import pipeline
+  try:
+    pipeline.enable_compilation_cache(FLAGS.compilation_cache)
+  except pipeline.CompilationCacheError as e:
+    sys.exit(f"sweep.py: error: {e}")
 
   results = Path(FLAGS.out_dir) / "results.jsonl"
   done = results_io.finished_keys(results_io.read_rows(results))
