@@ -21,13 +21,19 @@ import jax
 FLOAT64_PLATFORMS = frozenset({"cpu", "gpu", "cuda", "rocm"})
 
 
+def _first_local(devices: list) -> jax.Device:
+  """The first of ``devices`` that this process drives (multi-process runs list every
+  process's devices; computations can only run on one's own)."""
+  return next(d for d in devices if d.process_index == jax.process_index())
+
+
 def default_device() -> jax.Device:
   """The device uncommitted computations run on: ``jax.default_device`` if set, else the
-  default backend's first device."""
+  default backend's first device (of this process)."""
   dev = jax.config.jax_default_device
   if isinstance(dev, str):
-    return jax.devices(dev)[0]
-  return dev if dev is not None else jax.devices()[0]
+    return _first_local(jax.devices(dev))
+  return dev if dev is not None else _first_local(jax.devices())
 
 
 def float64_device() -> jax.Device:
@@ -41,7 +47,7 @@ def float64_device() -> jax.Device:
   if dev.platform in FLOAT64_PLATFORMS:
     return dev
   try:
-    return jax.devices("cpu")[0]
+    return _first_local(jax.devices("cpu"))
   except RuntimeError:
     raise RuntimeError(
         f"float64 is needed (SynFlow scores, collapse detection) but the default device "
