@@ -3,7 +3,12 @@
 The public API, re-exported from its modules:
 
 * masks (``bfprune.pruning.masks``): ``ones_like``, ``apply_masks``, ``masks_from_scores``,
-  ``density``, predicates ``is_kernel`` / ``is_kernel_or_twiddle``;
+  ``density``, ``kept_per_layer``, ``tree_map_masked``, predicates ``is_kernel`` /
+  ``is_kernel_or_twiddle``. Masks mirror the params: a bool array (True = kept) on each
+  prunable leaf, ``None`` on the others (which JAX's tree functions skip: map with
+  ``tree_map_masked``);
+* training (``bfprune.optim``): ``masked_optimizer`` (any optax optimizer, pruned weights kept
+  exactly zero), ``set_masks``, ``get_masks``, ``MaskedState``;
 * scores (``bfprune.pruning.scores``): ``random_scores``, ``magnitude_scores``, ``snip_scores``,
   ``grasp_scores``, ``synflow_scores``;
 * schedules (``bfprune.pruning.schedule``): ``prune``, ``make_score_fn``, ``density_schedule``;
@@ -15,12 +20,13 @@ The public API, re-exported from its modules:
   (``bfprune.data``), checkpoints (``bfprune.checkpoint``) and sparse inference
   (``bfprune.sparse``) as modules.
 """
-from bfprune import data, metrics, models, train
+from bfprune import data, metrics, models, optim, train
 from bfprune.metrics import count_params, detect_collapse, layer_table, summary
 from bfprune.models import FC, VGG16
+from bfprune.optim import MaskedState, get_masks, masked_optimizer, set_masks
 from bfprune.pruning.masks import (
     apply_masks, count_kept, count_prunable, density, density_from_compression, is_kernel,
-    is_kernel_or_twiddle, masks_from_scores, ones_like)
+    is_kernel_or_twiddle, kept_per_layer, masks_from_scores, ones_like, tree_map_masked)
 from bfprune.pruning.schedule import density_schedule, make_score_fn, prune
 from bfprune.pruning.scores import (
     grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_scores)

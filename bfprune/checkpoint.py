@@ -5,6 +5,9 @@ dict of metadata (phase, epochs done, history). The data order and dropout / aug
 are pure functions of (seed, epoch, step), so the epoch counter and ``state.step`` restore them
 exactly. Orbax writes into a temporary directory and renames it when complete, so a kill at
 any moment leaves the previous checkpoint intact.
+
+A ``train.TrainState`` is saved whole, its optimizer state included: that state is
+``optim.MaskedState(inner_state, masks)``, so the masks the optimizer keeps come back with it.
 """
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ def _encode_none(tree: PyTree) -> PyTree:
 def _decode_none(tree: PyTree, target: PyTree) -> PyTree:
   return jax.tree.map(lambda t, x: None if t is None else x, target, tree,
                       is_leaf=lambda x: x is None)
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's tree does not have the structure of the state it is restored into."""
 
 
 class RunCheckpointer:
@@ -60,8 +67,17 @@ class RunCheckpointer:
       raise FileNotFoundError(f"no checkpoint in {self._dir}")
     abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype) if
                             hasattr(x, "shape") else x, _encode_none(jax.device_get(target)))
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        tree=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(
+          tree=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except ValueError as e:
+      if "do not match" not in str(e):
+        raise
+      where = " ".join(str(e).split("\n")[1:3]).strip()
+      raise CheckpointMismatchError(
+          f"checkpoint {self._dir} (step {step}) does not fit this run's state ({where}); it was "
+          "written by another version of bfprune or another configuration: delete that "
+          "directory to start the run afresh") from None
     return _decode_none(out["tree"], target), dict(out["meta"])
 
   def close(self) -> None:

@@ -6,12 +6,20 @@ dispatch would dominate on CPU). Batches are gathered on device from a host-comp
 permutation and sharded over the ``data`` axis of a ``jax.sharding.Mesh`` spanning all local
 devices; parameters and optimizer state are replicated. One device is the degenerate mesh.
 
-Masks: the forward pass uses ``params ⊙ masks`` and every update is re-masked, so pruned
-weights stay exactly zero (Adam's moments would otherwise move them).
+Masks: the optimizer is wrapped in ``bfprune.optim.masked_optimizer``, whose state carries the
+masks; gradients and updates of pruned weights are zeroed, so with params masked once at init
+(``init_state``) or when masks change (``remask``) pruned weights stay exactly zero, and the
+forward pass needs no masking.
+
+Models: ``Trainer`` calls ``model.apply(variables, x)``, adding ``train=True`` / ``False`` when
+the model's ``__call__`` takes a ``train`` argument (see ``Trainer.train_kwarg``), a ``dropout``
+rng while training (unused by models without dropout) and ``mutable=["batch_stats"]`` when the
+variables hold BatchNorm statistics.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -23,6 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bfprune.data import epoch_permutation
+from bfprune.optim import MaskedState, masked_optimizer, masked_update, set_masks
 from bfprune.pruning.masks import apply_masks
 
 PyTree = Any
@@ -35,7 +44,7 @@ class TrainState(NamedTuple):
   step: jax.Array          # () int32, optimizer steps taken
   params: PyTree           # the ``params`` collection, already masked
   batch_stats: PyTree      # the ``batch_stats`` collection ({} without BatchNorm)
-  opt_state: PyTree
+  opt_state: MaskedState   # ``masked_optimizer(tx, masks)``'s state: holds the masks
 
 
 def make_mesh(devices: Optional[list] = None) -> Mesh:
@@ -51,17 +60,24 @@ def adam(learning_rate: float = 1e-3) -> optax.GradientTransformation:
 
 def init_state(variables: PyTree, masks: PyTree, tx: optax.GradientTransformation
                ) -> TrainState:
-  """Builds a TrainState from Flax ``variables``; params are masked before the optimizer sees them."""
-  # Fresh copies: the train step donates its state, which must never alias caller arrays.
+  """Builds a TrainState from Flax ``variables``: params masked, optimizer state of
+  ``masked_optimizer(tx, masks)`` (``tx`` is the plain optimizer ``Trainer`` was given)."""
+  # Fresh copies: the train step donates its state, which must never alias caller arrays
+  # (masked_optimizer copies the masks itself).
   params = jax.tree.map(jnp.array, apply_masks(variables["params"], masks))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=jax.tree.map(jnp.array, variables.get("batch_stats", {})),
-                    opt_state=tx.init(params))
+                    opt_state=masked_optimizer(tx, masks).init(params))
 
 
 def remask(state: TrainState, masks: PyTree) -> TrainState:
-  """Applies new masks to a state's params (e.g. after pruning a pre-trained network)."""
-  return state._replace(params=apply_masks(state.params, masks))
+  """Trains ``state`` with new ``masks`` from now on (e.g. after pruning a pre-trained network).
+
+  Masks the params and puts the masks into the optimizer state (``bfprune.optim.set_masks``,
+  which also zeroes Adam's moments of the newly pruned weights). Pure and jit-able.
+  """
+  return state._replace(params=apply_masks(state.params, masks),
+                        opt_state=set_masks(state.opt_state, masks))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -73,29 +89,76 @@ def _variables(params: PyTree, batch_stats: PyTree) -> dict:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
+AUTO = "auto"
+
+
+def resolve_train_kwarg(model: nn.Module, train_kwarg: Optional[str] = AUTO) -> Optional[str]:
+  """The keyword ``Trainer`` sets to True (training) / False (evaluation), or None.
+
+  ``"auto"``: ``"train"`` if ``model.__call__`` takes it (or ``**kwargs``), else None (the model
+  has no train / eval switch and is called plainly). A name: that keyword, which ``__call__``
+  must take. None: never pass one. Raises ValueError, naming the model and argument, when
+  ``__call__`` lacks the named keyword or requires an argument besides the input.
+  """
+  try:
+    sig = inspect.signature(model.__call__)
+  except (TypeError, ValueError):  # not introspectable: trust the caller's choice
+    return "train" if train_kwarg == AUTO else train_kwarg
+  params = list(sig.parameters.values())
+  var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+  name = type(model).__name__
+  if train_kwarg == AUTO:
+    chosen = "train" if ("train" in sig.parameters or var_kw) else None
+  elif train_kwarg is None or train_kwarg in sig.parameters or var_kw:
+    chosen = train_kwarg
+  else:
+    raise ValueError(f"Trainer(train_kwarg={train_kwarg!r}): {name}.__call__{sig} has no "
+                     f"argument {train_kwarg!r}; pass the name of its train / eval switch, or "
+                     "None to call the model without one")
+  positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  required = [p.name for p in params[1:] if p.default is p.empty and p.name != chosen
+              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+  if not positional or required:
+    call = "model.apply(variables, x" + (f", {chosen}=True|False)" if chosen else ")")
+    raise ValueError(f"Trainer calls {call}, but {name}.__call__{sig} "
+                     + (f"also requires {', '.join(required)}" if positional else
+                        "takes no positional input")
+                     + "; give it a default, or set Trainer(train_kwarg=...) to the name of the "
+                     "model's train / eval switch")
+  return chosen
+
+
 @dataclasses.dataclass(frozen=True)
 class Trainer:
   """Compiled train / eval functions for one model, optimizer and mesh.
 
   Attributes:
-    model: a Flax module called as ``model.apply(variables, x, train=...)``.
-    tx: the optax optimizer.
+    model: a Flax module, called as ``model.apply(variables, x[, train=...])`` (x: one batch).
+    tx: the plain optax optimizer; the trainer wraps it in ``masked_optimizer`` (the state
+      from ``init_state`` carries the masks), so pruned weights stay exactly zero.
     mesh: device mesh (see ``make_mesh``).
     augment: optional ``augment(key, x) -> x`` run on device on every training batch.
+    train_kwarg: the model's train / eval keyword, set True while training and False in
+      evaluation: ``"auto"`` (default) uses ``train`` when ``__call__`` takes it and calls the
+      model plainly otherwise; None never passes one (see ``resolve_train_kwarg``).
   """
   model: nn.Module
   tx: optax.GradientTransformation
   mesh: Mesh
   augment: Optional[Augment] = None
+  train_kwarg: Optional[str] = AUTO
 
   def __post_init__(self):
     rep = NamedSharding(self.mesh, P())
     data = NamedSharding(self.mesh, P(DATA_AXIS))
+    object.__setattr__(self, "_mode", resolve_train_kwarg(self.model, self.train_kwarg))
     object.__setattr__(self, "_rep", rep)
     object.__setattr__(self, "_data", data)
     object.__setattr__(self, "_train_chunk", jax.jit(
-        self._train_chunk_impl, in_shardings=(rep, rep, rep, rep, rep, rep),
+        self._train_chunk_impl, in_shardings=(rep, rep, rep, rep, rep),
         out_shardings=(rep, rep), donate_argnums=(0,)))
+    object.__setattr__(self, "_remask", jax.jit(
+        remask, in_shardings=(rep, rep), out_shardings=rep, donate_argnums=(0,)))
     object.__setattr__(self, "_eval_all", jax.jit(
         self._eval_impl, in_shardings=(rep, rep, rep, rep, rep), out_shardings=rep))
 
@@ -107,19 +170,25 @@ class Trainer:
     """Places a pytree (state, masks, dataset arrays) replicated on the mesh."""
     return jax.device_put(tree, self._rep)
 
+  def _mode_kw(self, train: bool) -> dict:
+    return {} if self._mode is None else {self._mode: train}
+
   # -- training ---------------------------------------------------------------------------
-  def _loss(self, params, batch_stats, masks, x, y, key):
-    variables = _variables(apply_masks(params, masks), batch_stats)
+  def _loss(self, params, batch_stats, x, y, key):
+    # No masking here: pruned params are exactly zero (masked optimizer), their gradients are
+    # zeroed before the optimizer sees them.
+    variables = _variables(params, batch_stats)
+    kw = self._mode_kw(True)
     if batch_stats:
-      logits, updates = self.model.apply(variables, x, train=True, rngs={"dropout": key},
-                                         mutable=["batch_stats"])
+      logits, updates = self.model.apply(variables, x, rngs={"dropout": key},
+                                         mutable=["batch_stats"], **kw)
       new_stats = updates["batch_stats"]
     else:
-      logits = self.model.apply(variables, x, train=True, rngs={"dropout": key})
+      logits = self.model.apply(variables, x, rngs={"dropout": key}, **kw)
       new_stats = batch_stats
     return jnp.mean(cross_entropy(logits, y)), new_stats
 
-  def _train_chunk_impl(self, state, masks, x_all, y_all, idx, key):
+  def _train_chunk_impl(self, state, x_all, y_all, idx, key):
     """Runs ``idx.shape[0]`` steps; idx (steps, batch) indexes the on-device training set."""
     def step(state, batch_idx):
       k = jax.random.fold_in(key, state.step)
@@ -129,9 +198,9 @@ class Trainer:
       if self.augment is not None:
         x = self.augment(k_aug, x)
       (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(
-          state.params, state.batch_stats, masks, x, y, k_drop)
-      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-      params = apply_masks(optax.apply_updates(state.params, updates), masks)
+          state.params, state.batch_stats, x, y, k_drop)
+      updates, opt_state = masked_update(self.tx, grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
       return TrainState(state.step + 1, params, stats, opt_state), loss
     if idx.shape[0] == 1:
       # No loop for a single step: convolutions inside XLA:CPU while loops ran ~8x slower.
@@ -140,23 +209,36 @@ class Trainer:
     state, losses = jax.lax.scan(step, state, idx)
     return state, losses
 
-  def train_steps(self, state: TrainState, masks: PyTree, x_all: jax.Array, y_all: jax.Array,
-                  idx: np.ndarray, key: jax.Array) -> tuple[TrainState, jax.Array]:
+  def remask(self, state: TrainState, masks: PyTree) -> TrainState:
+    """``remask`` jitted on the mesh; ``state`` is donated (use the returned one)."""
+    return self._remask(state, masks)
+
+  def train_steps(self, state: TrainState, masks: Optional[PyTree], x_all: jax.Array,
+                  y_all: jax.Array, idx: np.ndarray, key: jax.Array
+                  ) -> tuple[TrainState, jax.Array]:
     """Runs one optimizer step per row of ``idx`` (steps, batch); returns (state, losses).
 
-    ``state`` is donated (its buffers are reused); use the returned state afterwards.
+    ``masks``: the masks to train with, applied to the state first (``remask``: one masking
+    pass over params and moments per call), or None to train with the masks already in
+    ``state.opt_state``. ``state`` is donated (its buffers are reused); use the returned one.
     """
     if idx.shape[1] % self.num_devices:
       raise ValueError(f"batch size {idx.shape[1]} is not divisible by the number of devices "
                        f"({self.num_devices})")
-    return self._train_chunk(state, masks, x_all, y_all, jnp.asarray(idx, jnp.int32), key)
+    if not isinstance(state.opt_state, MaskedState):
+      raise ValueError("state.opt_state is not a masked optimizer state "
+                       f"({type(state.opt_state).__name__}); build the state with "
+                       "train.init_state(variables, masks, tx)")
+    if masks is not None:
+      state = self._remask(state, masks)
+    return self._train_chunk(state, x_all, y_all, jnp.asarray(idx, jnp.int32), key)
 
   # -- evaluation -------------------------------------------------------------------------
   def _eval_impl(self, params, batch_stats, x_all, y_all, w_all):
     """Sums of loss, top-1 and top-5 hits over padded batches x_all (nb, batch, ...)."""
     def body(acc, batch):
       x, y, w = (jax.lax.with_sharding_constraint(a, self._data) for a in batch)
-      logits = self.model.apply(_variables(params, batch_stats), x, train=False)
+      logits = self.model.apply(_variables(params, batch_stats), x, **self._mode_kw(False))
       loss = cross_entropy(logits, y)
       k = min(5, logits.shape[-1])
       topk = jax.lax.top_k(logits, k)[1]
@@ -201,7 +283,7 @@ def epoch_indices(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
   return perm[: steps * batch_size].reshape(steps, batch_size)
 
 
-def fit(trainer: Trainer, state: TrainState, masks: PyTree, train_x: np.ndarray,
+def fit(trainer: Trainer, state: TrainState, masks: Optional[PyTree], train_x: np.ndarray,
         train_y: np.ndarray, epochs: int, batch_size: int, seed: int,
         eval_data: Optional[EvalData] = None, first_epoch: int = 0,
         chunk_steps: int = 64, log: Optional[Callable[[dict], None]] = print,
@@ -209,15 +291,18 @@ def fit(trainer: Trainer, state: TrainState, masks: PyTree, train_x: np.ndarray,
         ) -> tuple[TrainState, list[dict]]:
   """Trains ``epochs`` epochs (numbered from ``first_epoch``); one log record per epoch.
 
+  ``masks``: the masks to train with (the state is re-masked with them once, ``remask``), or
+  None to keep those already in ``state.opt_state``.
   Each record holds epoch, train_loss, examples_per_s and, with ``eval_data``, test loss/top1/top5.
   ``on_epoch_end(epoch, state, record)`` runs after each epoch (e.g. to checkpoint).
   ``chunk_steps`` optimizer steps run per jitted call (a ``lax.scan``); small models gain from
   many (less dispatch), convolutional ones should use 1 (see ``Trainer``).
   """
   x_all, y_all = trainer.put((jnp.asarray(train_x), jnp.asarray(train_y, jnp.int32)))
-  masks = trainer.put(masks)
   # The train step donates its input state; copy so the caller's ``state`` stays valid.
   state = trainer.put(jax.tree.map(jnp.array, state))
+  if masks is not None:
+    state = trainer.remask(state, trainer.put(masks))
   if eval_data is not None:
     eval_data = trainer.put(EvalData(*(jnp.asarray(a) for a in eval_data)))
   key = jax.random.key(seed)
@@ -227,7 +312,7 @@ def fit(trainer: Trainer, state: TrainState, masks: PyTree, train_x: np.ndarray,
     t0 = time.perf_counter()
     losses = []
     for start in range(0, len(idx), chunk_steps):
-      state, loss = trainer.train_steps(state, masks, x_all, y_all, idx[start:start + chunk_steps],
+      state, loss = trainer.train_steps(state, None, x_all, y_all, idx[start:start + chunk_steps],
                                         jax.random.fold_in(key, epoch))
       losses.append(loss)
     train_loss = float(jnp.mean(jnp.concatenate(losses)))

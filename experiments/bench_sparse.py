@@ -39,24 +39,29 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["fc", "vgg16"], "Models to benchmark: fc, vgg16")
-flags.DEFINE_list("compressions", ["0.5", "1", "2"], "Main compressions c (density 10^-c)")
-flags.DEFINE_list("sweep", ["0", "0.25", "0.75", "1.25", "1.5", "1.75", "2.5", "3"],
-                  "Extra compressions for the crossover sweep")
-flags.DEFINE_list("vgg_sweep", ["0.25", "1.5", "2.5", "3"],
-                  "Extra compressions for VGG16 (its passes are slow)")
-flags.DEFINE_enum("mask", "random", ["random", "magnitude"], "How masks are drawn")
-flags.DEFINE_integer("fc_examples", 10000, "FC test-set size (MNIST test set: 10000)")
-flags.DEFINE_integer("fc_batch", 10000, "FC batch size (whole set by default)")
-flags.DEFINE_integer("vgg_examples", 1017, "VGG16 test-set size (the CIFAR-10 subset: 1017)")
-flags.DEFINE_integer("vgg_batch", 256, "VGG16 batch size (last batch zero-padded)")
-flags.DEFINE_list("fc_formats", ["bcsr", "bcoo"], "Sparse formats timed for FC")
-flags.DEFINE_list("vgg_formats", ["bcsr"], "Sparse formats timed for VGG16 (bcoo is far slower)")
-flags.DEFINE_bool("vgg_dense_each", False, "Time VGG16's dense baselines at every density")
-flags.DEFINE_integer("repeats", 5, "Timed passes per method (median reported)")
-flags.DEFINE_integer("vgg_repeats", 3, "Timed passes per method for VGG16")
-flags.DEFINE_integer("seed", 0, "Seed of weights, masks and pixels")
-flags.DEFINE_string("out", "", "Optional path of a JSON file with the rows")
+
+
+def define_flags() -> None:
+  """Defined by the script's main only, so that importing this module (e.g. to test
+  ``crossover``) adds no flags that clash with other scripts' (report.py defines --out too)."""
+  flags.DEFINE_list("models", ["fc", "vgg16"], "Models to benchmark: fc, vgg16")
+  flags.DEFINE_list("compressions", ["0.5", "1", "2"], "Main compressions c (density 10^-c)")
+  flags.DEFINE_list("sweep", ["0", "0.25", "0.75", "1.25", "1.5", "1.75", "2.5", "3"],
+                    "Extra compressions for the crossover sweep")
+  flags.DEFINE_list("vgg_sweep", ["0.25", "1.5", "2.5", "3"],
+                    "Extra compressions for VGG16 (its passes are slow)")
+  flags.DEFINE_enum("mask", "random", ["random", "magnitude"], "How masks are drawn")
+  flags.DEFINE_integer("fc_examples", 10000, "FC test-set size (MNIST test set: 10000)")
+  flags.DEFINE_integer("fc_batch", 10000, "FC batch size (whole set by default)")
+  flags.DEFINE_integer("vgg_examples", 1017, "VGG16 test-set size (the CIFAR-10 subset: 1017)")
+  flags.DEFINE_integer("vgg_batch", 256, "VGG16 batch size (last batch zero-padded)")
+  flags.DEFINE_list("fc_formats", ["bcsr", "bcoo"], "Sparse formats timed for FC")
+  flags.DEFINE_list("vgg_formats", ["bcsr"], "Sparse formats timed for VGG16 (bcoo is far slower)")
+  flags.DEFINE_bool("vgg_dense_each", False, "Time VGG16's dense baselines at every density")
+  flags.DEFINE_integer("repeats", 5, "Timed passes per method (median reported)")
+  flags.DEFINE_integer("vgg_repeats", 3, "Timed passes per method for VGG16")
+  flags.DEFINE_integer("seed", 0, "Seed of weights, masks and pixels")
+  flags.DEFINE_string("out", "", "Optional path of a JSON file with the rows")
 
 
 def _random_params(model, x, seed: int):
@@ -228,4 +233,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

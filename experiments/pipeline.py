@@ -2,11 +2,9 @@
 
 Composes the library's pieces; all experiment plumbing lives here, none in ``bfprune``.
 
-The pieces of ``run_one`` that other scripts reuse: ``build_run`` (model, initialisation,
-trainer, test batches), ``prune_step`` (prune and re-mask), ``pretrained_state`` /
-``initial_masks`` (init + pre-training + pruning exactly as a run does it, without checkpoints;
-``experiments/backfill_sparse.py`` recomputes old runs' masks with them) and
-``timed_sparse_inference`` (the row's ``inference_seconds_sparse``).
+``run_one`` is built from ``build_run`` (model, initialisation, trainer, test batches),
+``prune_step`` (prune and re-mask) and ``timed_sparse_inference`` (the row's
+``inference_seconds_sparse``).
 """
 from __future__ import annotations
 
@@ -166,35 +164,6 @@ def prune_step(cfg: RunConfig, parts: RunParts, dataset: data_lib.Dataset,
   seconds = time.perf_counter() - t0
   log(f"pruned with {cfg.pruner} to density {masks_lib.density(masks):.4g} in {seconds:.1f} s")
   return state, masks, seconds
-
-
-def pretrained_state(cfg: RunConfig, dataset: data_lib.Dataset,
-                     log: Log = print) -> tuple[RunParts, train.TrainState]:
-  """``build_run`` plus the ``cfg.pre_epochs`` epochs of training before pruning, as in
-  ``run_one`` (same trainer, data order and chunking; no checkpoints, no per-epoch test
-  evaluation, which does not change the state). Returns (parts, the state pruning starts from).
-  """
-  parts = build_run(cfg, dataset)
-  state = parts.state
-  if cfg.pre_epochs:
-    log(f"pre-training {cfg.pre_epochs} epochs before pruning")
-    state, _ = parts.fit(state=state, masks=parts.masks, epochs=cfg.pre_epochs, first_epoch=0,
-                         eval_data=None, log=None)
-  return parts, state
-
-
-def initial_masks(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
-                  start: Optional[tuple[RunParts, train.TrainState]] = None
-                  ) -> tuple[RunParts, train.TrainState, Any]:
-  """The masks a run of ``cfg`` trains with: init, pre-training, pruning, as ``run_one``.
-
-  ``start``: ``pretrained_state(cfg, dataset)``'s result, if already at hand (it depends only
-  on the settings before pruning, so runs differing in pruner / compression can share it).
-  Returns (parts, the pruned and re-masked state before post-training, masks).
-  """
-  parts, state = start if start is not None else pretrained_state(cfg, dataset, log)
-  state, masks, _ = prune_step(cfg, parts, dataset, state, parts.masks, log)
-  return parts, state, masks
 
 
 def sparse_unsupported(cfg: RunConfig) -> Optional[str]:
@@ -364,7 +333,10 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
       "run_key": cfg.key(),
       "top1": final["top1"], "top5": final["top5"], "test_loss": final["loss"],
       "density": masks_lib.density(masks),
-      "params": summ["params"],
+      # All parameters, and those left after pruning (unprunable ones + kept prunable ones).
+      "params_total": summ["params"],
+      "params_kept": (summ["params"] - masks_lib.count_prunable(masks)
+                      + masks_lib.count_kept(masks)),
       "flops": summ["flops"], "flop_density": summ["flop_density"],
       "collapsed": bool(summ["collapsed"]), "collapsed_layer": summ["collapsed_layer"],
       "layers": summ["layers"],

@@ -1,6 +1,7 @@
 """experiments/colab.ipynb: executed headless (nbclient) on a tiny grid with the local data, so
 the notebook cannot rot; plus its install cell's decisions, checked in-process."""
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,9 @@ def kernel_name(tmp_path, monkeypatch):
       "display_name": "bfprune test", "language": "python"}))
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  # A persistent compilation cache the notebook's sweep fills and the test's own sweep reuses.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   return KERNEL
 
 
@@ -113,7 +117,27 @@ def test_notebook_runs_a_tiny_grid_and_shows_figures(tmp_path, kernel_name):
       ("mnist", "fc", "none", "rand")
   assert row["compression"] == 1 and row["post_epochs"] == 1 and row["seed"] == 0
   assert abs(row["density"] - 0.1) < 1e-3
-  assert 0 <= row["top1"] <= 100
+
+  # The command the notebook ran, as it printed it, carries the injected parameters; run on
+  # its own into another folder it gives the same row. Same flags, same seed, same machine
+  # and the same compiled programs: bit-identical numbers (as a resumed sweep run is).
+  (cmd,) = [l[2:] for l in _outputs_text(_cell(nb, contains="--post_epochs=")).splitlines()
+            if l.startswith("$ ")]
+  argv = shlex.split(cmd)
+  assert argv[1].endswith("experiments/sweep.py")
+  for flag in ("--dataset=mnist", "--pruner=rand", "--compression=1", "--factorize=none",
+               "--post_epochs=1", "--train_examples=2048", "--seeds=1",
+               f"--out_dir={out}", f"--data_dir={data_dir()}"):
+    assert flag in argv, (flag, argv)
+  direct = tmp_path / "direct"
+  argv = [sys.executable] + [a for a in argv[1:] if not a.startswith("--out_dir=")]
+  subprocess.run(argv + [f"--out_dir={direct}"], check=True, capture_output=True, timeout=600)
+  (want,) = [json.loads(l) for l in (direct / "results.jsonl").read_text().splitlines()]
+  untimed = lambda d: {k: v for k, v in d.items()
+                       if "seconds" not in k and k not in ("examples_per_s", "history")}
+  assert untimed(row) == untimed(want)  # config, key, accuracy, loss, densities, layers, ...
+  assert row["top1"] == want["top1"] and row["run_key"] == want["run_key"]
+  assert [untimed(h) for h in row["history"]] == [untimed(h) for h in want["history"]]
 
   pngs = sorted((out / "report").glob("fig*.png"))
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs

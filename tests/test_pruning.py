@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import bfprune
 from bfprune.pruning import masks as M
 from bfprune.pruning import schedule as Sch
 from bfprune.pruning import scores as S
@@ -61,12 +62,12 @@ def test_exact_density_global_and_local(kind, density):
           "all_equal": lambda s: np.ones(s)}[kind]
   scores = M.tree_map_masked(lambda m, p: None if m is None else make(p.shape), masks, params)
   n = M.count_prunable(masks)
-  g = M.masks_from_scores(scores, density, "global")
+  g = M.masks_from_scores(scores, density, "global", allow_empty=True)
   assert M.count_kept(g) == round(density * n)
   want = reference_top_k(jax.tree.leaves(scores), jax.tree.leaves(masks), round(density * n))
   np.testing.assert_array_equal(flat_masks(g), want)
   assert g["l0"]["bias"] is None
-  loc = M.masks_from_scores(scores, density, "local")
+  loc = M.masks_from_scores(scores, density, "local", allow_empty=True)
   for s, m in zip(jax.tree.leaves(scores), jax.tree.leaves(loc)):
     k = round(density * s.size)
     assert int(np.sum(m)) == k
@@ -261,19 +262,90 @@ def test_synflow_non_finite_scores_raise():
     S.synflow_scores(apply_fn, params, M.ones_like(params), (3,))
 
 
-def test_synflow_vgg16_scores_finite():
-  from bfprune.models import VGG16
+# All score terms are >= 0 (|θ|, all-ones input, ReLU of nonnegative sums), so float64 sums
+# carry no cancellation: the relative error of a sum of n such terms is at most ~n * 1.1e-16.
+# The largest sums here (a layer's 2.4M scores, 4608-term conv reductions through 14 layers)
+# stay below 1e-9; float32 (rounding 6e-8) would not.
+SYNFLOW_RTOL = 1e-9
+
+
+def _kaiming_params(model, x, seed):
+  """Params of ``model`` as initialised for SynFlow: kernels N(0, 2 / fan_in), biases exactly 0
+  (VGG16's init, which tests/test_models.py checks; drawn with NumPy to skip compiling init)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  rng = np.random.default_rng(seed)
+  def draw(path, leaf):
+    if M.path_names(path)[-1] == "kernel":
+      std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+      return jnp.asarray(rng.standard_normal(leaf.shape) * std, jnp.float32)
+    return jnp.zeros(leaf.shape, jnp.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _vgg16_synflow_r(params, masks, plan):
+  """R = 1ᵀ f(1; |θ|⊙m) for VGG16 written out in NumPy float64 (biases are 0): 3x3 'same'
+  convs as nine shifted matmuls, ReLU, 2x2 max-pools, the final 2x2 average pool, head."""
+  w = lambda name: (np.abs(np.asarray(params[name]["kernel"], np.float64))
+                    * np.asarray(masks[name]["kernel"]))
+  x, i = np.ones((32, 32, 3)), 0
+  for item in plan:
+    h, wd, c = x.shape
+    if item == "M":
+      x = x.reshape(h // 2, 2, wd // 2, 2, c).max(axis=(1, 3))
+      continue
+    i += 1
+    k, xp = w(f"conv{i}"), np.pad(x, ((1, 1), (1, 1), (0, 0)))
+    x = np.maximum(sum(xp[a:a + h, b:b + wd] @ k[a, b] for a in range(3) for b in range(3)), 0)
+  h, wd, c = x.shape
+  x = x.reshape(h // 2, 2, wd // 2, 2, c).mean(axis=(1, 3))
+  return float(np.sum(x.reshape(-1) @ w("head")))
+
+
+def test_synflow_vgg16_conserves_the_score_in_every_layer():
+  """SynFlow's conservation law on the real VGG16: with zero biases R is positively homogeneous
+  of degree 1 in each layer's weights (ReLU and max-pool are, average pool and flatten are
+  linear; dropout is off), so by Euler's theorem every layer's scores |θ ⊙ ∂R/∂θ| sum to R,
+  here computed independently in NumPy. Checked at init and under a random mask."""
+  from bfprune.models import VGG16, VGG16_PLAN
   model = VGG16()
-  params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
+  params = _kaiming_params(model, jnp.ones((1, 32, 32, 3)), seed=0)
   apply_fn = lambda p, x: model.apply({"params": p}, x, train=False)
   masks = M.ones_like(params)
-  scores = S.synflow_scores(apply_fn, params, masks, (32, 32, 3))
-  leaves = jax.tree.leaves(scores)
-  assert len(leaves) == 14  # conv1..conv13 + head kernels
-  assert all(np.isfinite(s).all() for s in leaves)
-  assert all(np.any(s > 0) for s in leaves)
-  new = M.masks_from_scores(scores, 0.01, "global", masks)
+  rng = np.random.default_rng(1)
+  random_masks = M.masks_from_scores(jax.tree.map(lambda m: rng.random(m.shape), masks), 0.3,
+                                     "local", masks)
+  for m in (masks, random_masks):
+    scores = S.synflow_scores(apply_fn, params, m, (32, 32, 3))
+    names = [f"conv{i}" for i in range(1, 14)] + ["head"]
+    assert sorted(scores) == sorted(names) and len(jax.tree.leaves(scores)) == 14
+    r = _vgg16_synflow_r(params, m, VGG16_PLAN)
+    assert r > 1e10  # far beyond float32's reach of exact sums, yet finite in float64
+    sums = [float(np.sum(scores[n]["kernel"])) for n in names]
+    np.testing.assert_allclose(sums, [r] * len(names), rtol=SYNFLOW_RTOL)
+    for n in names:  # pruned weights score exactly 0
+      assert np.all(scores[n]["kernel"][~np.asarray(m[n]["kernel"])] == 0)
+  new = M.masks_from_scores(scores, 0.01, "global", random_masks)
   assert M.count_kept(new) == round(0.01 * M.count_prunable(masks))
+
+
+def test_synflow_fc_conserves_the_score_in_every_layer():
+  """The same law on the study's FC (zero-initialised biases, dropout off), with R =
+  1ᵀ Π (|W_l|⊙m_l) 1 by NumPy: with nonnegative weights and input every ReLU is the identity."""
+  from bfprune.models import FC
+  model = FC()
+  params = model.init(jax.random.key(3), jnp.ones((1, 28, 28, 1)))["params"]
+  assert all(np.all(np.asarray(params[n]["bias"]) == 0) for n in params)
+  apply_fn = lambda p, x: model.apply({"params": p}, x, train=False)
+  rng = np.random.default_rng(4)
+  masks = jax.tree.map(lambda m: jnp.asarray(rng.random(m.shape) < 0.5),
+                       M.ones_like(params))
+  scores = S.synflow_scores(apply_fn, params, masks, (28, 28, 1))
+  names = ["fc1", "fc2", "fc3", "fc4", "fc5", "head"]
+  r = np.ones(784)
+  for n in names:
+    r = r @ (np.abs(np.asarray(params[n]["kernel"], np.float64)) * np.asarray(masks[n]["kernel"]))
+  sums = [float(np.sum(scores[n]["kernel"])) for n in names]
+  np.testing.assert_allclose(sums, [r.sum()] * len(names), rtol=SYNFLOW_RTOL)
 
 
 # --- schedules and prune ---------------------------------------------------------------------
@@ -326,3 +398,52 @@ def test_all_pruners_on_user_defined_cnn():
         for m in jax.tree.leaves(masks):
           assert int(np.sum(m)) == round(0.3 * m.size), name
   assert Sch.default_rounds("synflow") == 100 and Sch.default_rounds("snip") == 1
+
+
+# --- the None convention, empty networks, pruner names ----------------------------------------
+
+
+def test_kept_per_layer_and_tree_map_masked_follow_the_none_convention():
+  rng = np.random.default_rng(7)
+  params = toy_tree(rng)
+  masks = M.masks_from_scores(S.magnitude_scores(params, M.ones_like(params)), 0.4)
+  got = M.kept_per_layer(masks)
+  # Independent count: numpy over the kernels, biases (None masks) left out.
+  want = {f"l{i}/kernel": (int(np.sum(np.asarray(masks[f"l{i}"]["kernel"]))),
+                           int(params[f"l{i}"]["kernel"].size)) for i in range(3)}
+  assert got == want
+  assert sum(k for k, _ in got.values()) == M.count_kept(masks) == round(0.4 * (30 + 20 + 12))
+  # tree_map_masked visits every params leaf, handing None for the unprunable ones.
+  seen = M.tree_map_masked(lambda m, p: "none" if m is None else "mask", masks, params)
+  assert seen == {f"l{i}": {"kernel": "mask", "bias": "none"} for i in range(3)}
+  assert bfprune.kept_per_layer is M.kept_per_layer
+  assert bfprune.tree_map_masked is M.tree_map_masked
+
+
+def test_density_zero_needs_allow_empty():
+  params = toy_tree(np.random.default_rng(8))
+  scores = S.magnitude_scores(params, M.ones_like(params))
+  for call in (lambda **kw: M.masks_from_scores(scores, 0.0, **kw),
+               lambda **kw: M.masks_from_scores(scores, 0, "local", **kw),
+               lambda **kw: Sch.prune(S.magnitude_scores, params, None, 0.0, rounds=2,
+                                      schedule="linear", **kw)):
+    with pytest.raises(ValueError, match="density 0 keeps no prunable weight.*allow_empty=True"):
+      call()
+    assert M.count_kept(call(allow_empty=True)) == 0
+  # A tiny positive density is not refused, even when it rounds to no weight.
+  assert M.count_kept(M.masks_from_scores(scores, 1e-6)) == 0
+
+
+def test_pruner_aliases_and_the_names_in_the_error():
+  params = toy_tree(np.random.default_rng(9))
+  key = jax.random.key(0)
+  for alias, name in (("random", "rand"), ("magnitude", "mag")):
+    a = Sch.prune(Sch.make_score_fn(alias, key=key), params, None, 0.3)
+    b = Sch.prune(Sch.make_score_fn(name, key=key), params, None, 0.3)
+    np.testing.assert_array_equal(flat_masks(a), flat_masks(b))
+    assert Sch.default_rounds(alias) == 1
+  assert Sch.default_rounds("synflow") == 100
+  with pytest.raises(ValueError, match=r"unknown pruner 'obd'; expected one of rand, mag, snip, "
+                                       r"grasp, synflow \(aliases: random = rand, "
+                                       r"magnitude = mag\)"):
+    Sch.make_score_fn("obd")

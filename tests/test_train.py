@@ -5,11 +5,14 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
-from bfprune import models, train
+from bfprune import models, optim, train
 from bfprune.pruning import masks as masks_lib
 
 from conftest import REPO
@@ -52,6 +55,14 @@ def test_pruned_weights_stay_exactly_zero(mnist):
   state, _ = train.fit(trainer, state, ones, x, y, epochs=1, batch_size=256, seed=0, log=None)
   before = state.params
   state = train.remask(state, masks)
+  # remask put the masks into the optimizer state and zeroed the pruned weights' Adam moments.
+  for m, m_opt in zip(jax.tree.leaves(masks), jax.tree.leaves(optim.get_masks(state.opt_state))):
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(m_opt))
+  adam = state.opt_state.inner_state[0]
+  for moment in (adam.mu, adam.nu):
+    for m, v in zip(jax.tree.leaves(masks), jax.tree.leaves(masks_lib.tree_map_masked(
+        lambda m, v: None if m is None else v, masks, moment))):
+      assert np.all(np.asarray(v)[~np.asarray(m)] == 0.0)
   state, _ = train.fit(trainer, state, masks, x, y, epochs=2, batch_size=256, seed=0, log=None)
   changed = 0
   for m, p, p0 in zip(jax.tree.leaves(masks), jax.tree.leaves(
@@ -61,6 +72,70 @@ def test_pruned_weights_stay_exactly_zero(mnist):
     assert np.all(p[~m] == 0.0)
     changed += int(np.sum(p[m] != p0[m]))
   assert changed > 0.9 * masks_lib.count_kept(masks)  # the kept weights did train
+
+
+class PlainCNN(nn.Module):
+  """A user's CNN: ``__call__`` has no ``train`` argument and no dropout."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (5, 5), strides=4)(x))
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class NeedsFlag(nn.Module):
+  """Its train / eval switch is called ``training`` and has no default."""
+
+  @nn.compact
+  def __call__(self, x, training: bool):
+    return nn.Dropout(0.5, deterministic=not training)(nn.Dense(10)(x))
+
+
+def test_trainer_trains_a_model_without_train_argument(mnist):
+  model = PlainCNN()
+  x, y = mnist.train_x[:1024], mnist.train_y[:1024]
+  variables = model.init(jax.random.key(0), x[:1])
+  masks = _random_masks(variables["params"], 0.3, seed=1)
+  trainer = train.Trainer(model, optax.adam(1e-2), train.make_mesh())
+  state = train.init_state(variables, masks, trainer.tx)
+  ev = train.make_eval_data(mnist.test_x[:500], mnist.test_y[:500], 250)
+  state, history = train.fit(trainer, state, masks, x, y, epochs=3, batch_size=64, seed=0,
+                             log=None, eval_data=ev, chunk_steps=8)
+  assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"], history
+  for m, p, p0 in zip(*(jax.tree.leaves(masks_lib.tree_map_masked(
+      lambda m, v: None if m is None else v, masks, t)) for t in (masks, state.params,
+                                                                  variables["params"]))):
+    m, p, p0 = map(np.asarray, (m, p, p0))
+    assert np.all(p[~m] == 0.0) and np.mean(p[m] != p0[m]) > 0.9
+  # Evaluation called the model plainly: compare with a direct apply.
+  logits = model.apply({"params": state.params}, mnist.test_x[:500])
+  top1 = 100 * np.mean(np.argmax(logits, -1) == mnist.test_y[:500])
+  assert abs(top1 - history[-1]["test_top1"]) < 1e-3 and top1 > 50
+
+
+def test_trainer_train_kwarg_resolution():
+  mesh = train.make_mesh()
+  assert train.Trainer(models.FC(), optax.adam(1e-3), mesh)._mode == "train"
+  assert train.Trainer(PlainCNN(), optax.adam(1e-3), mesh)._mode is None
+  assert train.Trainer(models.FC(), optax.adam(1e-3), mesh, train_kwarg=None)._mode is None
+  assert train.Trainer(NeedsFlag(), optax.adam(1e-3), mesh,
+                       train_kwarg="training")._mode == "training"
+  with pytest.raises(ValueError, match=r"NeedsFlag.__call__\(x, training: bool\) also "
+                                       "requires training"):
+    train.Trainer(NeedsFlag(), optax.adam(1e-3), mesh)
+  with pytest.raises(ValueError, match="has no argument 'mode'"):
+    train.Trainer(models.FC(), optax.adam(1e-3), mesh, train_kwarg="mode")
+
+
+def test_train_steps_needs_a_masked_optimizer_state():
+  model = PlainCNN()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  trainer = train.Trainer(model, optax.adam(1e-3), train.make_mesh())
+  state = train.TrainState(jnp.zeros((), jnp.int32), variables["params"], {},
+                           optax.adam(1e-3).init(variables["params"]))
+  with pytest.raises(ValueError, match="not a masked optimizer state.*init_state"):
+    trainer.train_steps(state, None, jnp.zeros((8, 28, 28, 1)), jnp.zeros(8, jnp.int32),
+                        np.zeros((1, 8), np.int32), jax.random.key(0))
 
 
 _SHARDING_SCRIPT = textwrap.dedent("""
@@ -82,7 +157,7 @@ _SHARDING_SCRIPT = textwrap.dedent("""
       xs, ys, m = trainer.put((jnp.asarray(x), jnp.asarray(y), masks))
       idx = train.epoch_indices(len(x), 256, 0, 0)
       state, losses = trainer.train_steps(state, m, xs, ys, idx, jax.random.key(0))
-      hlo = trainer._train_chunk.lower(state, m, xs, ys, jnp.asarray(idx), jax.random.key(0)
+      hlo = trainer._train_chunk.lower(state, xs, ys, jnp.asarray(idx), jax.random.key(0)
                                        ).compile().as_text()
       ev = trainer.evaluate(state, trainer.put(train.make_eval_data(x, y, 256)))
       out[n] = {'losses': np.asarray(losses).tolist(), 'eval': ev,

@@ -3,6 +3,11 @@
 A mask pytree mirrors a Flax ``params`` pytree. A prunable leaf gets a boolean array of the
 same shape (``True`` = kept); a leaf that is not prunable gets ``None``. Scores follow the
 same convention with float leaves.
+
+Mind the ``None`` leaves: JAX treats ``None`` as an empty subtree, so ``jax.tree.leaves(masks)``
+lists the prunable leaves only and ``jax.tree.map(f, masks, params)`` fails (the trees differ).
+Map with ``tree_map_masked`` (it hands ``None`` to ``f`` for unprunable leaves) and count with
+``count_kept`` / ``count_prunable`` / ``kept_per_layer``.
 """
 from __future__ import annotations
 
@@ -48,16 +53,25 @@ def _none_leaf(x: Any) -> bool:
 
 
 def ones_like(params: PyTree, is_prunable: Predicate = is_kernel) -> PyTree:
-  """All-kept mask: ``True`` arrays on prunable leaves, ``None`` elsewhere."""
+  """All-kept mask: ``True`` arrays on prunable leaves, ``None`` elsewhere.
+
+  ``is_prunable(path, leaf)`` picks the prunable leaves, ``path`` being the leaf's key path as
+  strings, e.g. ``("Conv_0", "kernel")``; the default takes every ``kernel``. A ``None`` leaf
+  marks a param that pruning never touches and that trains normally (biases, norms).
+  """
   return jax.tree_util.tree_map_with_path(
       lambda p, x: jnp.ones(jnp.shape(x), bool) if is_prunable(path_names(p), x) else None,
       params)
 
 
 def tree_map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
-  """``jax.tree.map`` over ``masks`` and trees mirroring it, ``None`` leaves passed as None.
+  """``jax.tree.map`` over ``masks`` and trees mirroring the params, ``None`` masks included.
 
-  ``fn(mask_leaf, *leaves)`` is called for every leaf, including those whose mask is None.
+  ``fn(mask_leaf, *leaves)`` is called once per params leaf: ``mask_leaf`` is the boolean mask,
+  or ``None`` where the leaf is not prunable (plain ``jax.tree.map`` would skip those, ``None``
+  being an empty subtree, and fail on the mismatch). Return ``None`` to build another mask-
+  like tree, e.g. per-leaf scores:
+  ``tree_map_masked(lambda m, p: None if m is None else jnp.abs(p), masks, params)``.
   """
   return jax.tree.map(fn, masks, *trees, is_leaf=_none_leaf)
 
@@ -66,6 +80,16 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   """``params ⊙ masks``: zeroes pruned weights; leaves with a ``None`` mask pass through."""
   return tree_map_masked(
       lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)), masks, params)
+
+
+def kept_per_layer(masks: PyTree) -> dict[str, tuple[int, int]]:
+  """``{"Conv_0/kernel": (kept, total), ...}`` for every prunable leaf, in tree order.
+
+  Keys are the leaves' key paths joined by ``/``; leaves with a ``None`` mask (not prunable)
+  are left out.
+  """
+  return {"/".join(path_names(path)): (int(np.count_nonzero(np.asarray(m))), int(np.size(m)))
+          for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
 
 
 def count_prunable(masks: PyTree) -> int:
@@ -180,19 +204,31 @@ def _select_top_k(scores: Sequence[np.ndarray], avail: Sequence[np.ndarray], k: 
   return keep
 
 
+def check_not_empty(density: float, allow_empty: bool) -> float:
+  """``density`` checked to lie in [0, 1], and to be > 0 unless ``allow_empty``."""
+  d = _check_density(density)
+  if d == 0.0 and not allow_empty:
+    raise ValueError("density 0 keeps no prunable weight (an empty network); pass "
+                     "allow_empty=True if that is intended")
+  return d
+
+
 def masks_from_scores(scores: PyTree, density: float, scope: str = "global",
-                      masks: PyTree | None = None) -> PyTree:
+                      masks: PyTree | None = None, allow_empty: bool = False) -> PyTree:
   """Keeps exactly ``round(density * N)`` highest-scoring prunable weights.
 
   Args:
-    scores: pytree mirroring params; float arrays on prunable leaves, ``None`` elsewhere.
-    density: fraction of prunable weights to keep, in [0, 1], counted over *all* prunable
-      weights (pruned ones included), not over the ones still kept.
+    scores: pytree mirroring params; float arrays on prunable leaves, ``None`` on leaves that
+      are not prunable (those get ``None`` masks and are never pruned).
+    density: fraction of prunable weights to keep, in (0, 1] ([0, 1] with ``allow_empty``),
+      counted over *all* prunable weights (pruned ones included), not over the ones still
+      kept. A tiny positive density may still round to no weight at all.
     scope: ``"global"`` ranks every prunable weight together (N = all prunable weights);
       ``"local"`` ranks each tensor alone (N = that tensor's size).
     masks: current masks (``None`` = nothing pruned yet). Weights already pruned (False) are
       never re-kept, whatever their score; asking for more weights than remain unpruned
       raises ValueError.
+    allow_empty: accept ``density=0`` (every prunable weight pruned).
 
   Returns:
     New masks (boolean jax arrays, ``None`` where scores are ``None``).
@@ -204,7 +240,7 @@ def masks_from_scores(scores: PyTree, density: float, scope: str = "global",
   all-equal scores prune everything). Runs on host with NumPy in O(N) without a sort (see
   ``_select_top_k``); the result is copied back as jax arrays.
   """
-  d = _check_density(density)
+  d = check_not_empty(density, allow_empty)
   if scope not in SCOPES:
     raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
   s_leaves, treedef = jax.tree.flatten(scores, is_leaf=_none_leaf)

@@ -13,12 +13,14 @@ import jax
 
 from bfprune.pruning import scores as S
 from bfprune.pruning.masks import (
-    PyTree, SCOPES, _check_density, count_kept, count_prunable, masks_from_scores, ones_like)
+    PyTree, SCOPES, _check_density, check_not_empty, count_kept, count_prunable,
+    masks_from_scores, ones_like)
 
 ScoreFn = Callable[[PyTree, PyTree], PyTree]
 
 SCHEDULES = ("exponential", "linear")
 PRUNERS = ("rand", "mag", "snip", "grasp", "synflow")
+PRUNER_ALIASES = {"random": "rand", "magnitude": "mag"}
 
 
 def density_schedule(density: float, rounds: int, kind: str = "exponential",
@@ -49,19 +51,27 @@ def density_schedule(density: float, rounds: int, kind: str = "exponential",
 
 def default_rounds(pruner_name: str) -> int:
   """The study's number of pruning rounds: 100 for SynFlow, 1 for the others."""
-  _check_name(pruner_name)
-  return 100 if pruner_name == "synflow" else 1
+  return 100 if pruner_name_of(pruner_name) == "synflow" else 1
 
 
-def _check_name(name: str) -> None:
-  if name not in PRUNERS:
-    raise ValueError(f"unknown pruner {name!r}; expected one of {PRUNERS}")
+def pruner_name_of(name: str) -> str:
+  """The canonical pruner name (``PRUNERS``) of ``name`` or of an alias (``PRUNER_ALIASES``)."""
+  canonical = PRUNER_ALIASES.get(name, name)
+  if canonical not in PRUNERS:
+    aliases = ", ".join(f"{a} = {c}" for a, c in PRUNER_ALIASES.items())
+    raise ValueError(f"unknown pruner {name!r}; expected one of {', '.join(PRUNERS)} "
+                     f"(aliases: {aliases})")
+  return canonical
 
 
 def make_score_fn(name: str, apply_fn: S.ApplyFn | None = None, batch: S.Batch | None = None,
                   input_shape: Sequence[int] | None = None, key: jax.Array | None = None,
                   temperature: float = 200.0) -> ScoreFn:
   """A ``score_fn(params, masks) -> scores`` for one of 'rand', 'mag', 'snip', 'grasp', 'synflow'.
+
+  'random' and 'magnitude' are accepted for 'rand' and 'mag'; any other name raises
+  ValueError listing the names. ``scores`` mirrors the params, ``None`` where ``masks`` is
+  ``None`` (leaves that are not prunable).
 
   Needs: rand -> ``key``; snip, grasp -> ``apply_fn`` and ``batch`` (x, y); synflow ->
   ``apply_fn`` and ``input_shape`` (one example, no batch dim). ``apply_fn`` must be the
@@ -72,7 +82,7 @@ def make_score_fn(name: str, apply_fn: S.ApplyFn | None = None, batch: S.Batch |
   pure function of the seed and the masks (so the same seed gives the same masks) that
   changes from round to round as the masks shrink.
   """
-  _check_name(name)
+  name = pruner_name_of(name)
 
   def need(**kw):
     missing = [k for k, v in kw.items() if v is None]
@@ -97,8 +107,13 @@ def make_score_fn(name: str, apply_fn: S.ApplyFn | None = None, batch: S.Batch |
 
 
 def prune(score_fn: ScoreFn, params: PyTree, masks: PyTree | None, density: float,
-          rounds: int = 1, schedule: str = "exponential", scope: str = "global") -> PyTree:
+          rounds: int = 1, schedule: str = "exponential", scope: str = "global",
+          allow_empty: bool = False) -> PyTree:
   """Prunes to ``density`` in ``rounds`` rounds; returns the final masks.
+
+  ``masks`` (and the result) mirror the params: bool arrays (True = kept) on prunable leaves,
+  ``None`` on leaves that are never pruned; ``masks=None`` means ``ones_like(params)`` (every
+  kernel prunable). ``density`` must be > 0 unless ``allow_empty`` (see ``masks_from_scores``).
 
   Each round scores the network masked by the previous round's masks and keeps the top
   ``round(d_r · N)`` weights (``masks_from_scores``), d_r following ``density_schedule``
@@ -106,6 +121,7 @@ def prune(score_fn: ScoreFn, params: PyTree, masks: PyTree | None, density: floa
   kernels prunable) to ``density``. Densities count all prunable weights; in 'local' scope
   the schedule applies to every tensor.
   """
+  check_not_empty(density, allow_empty)
   if scope not in SCOPES:
     raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
   if masks is None:
@@ -116,6 +132,6 @@ def prune(score_fn: ScoreFn, params: PyTree, masks: PyTree | None, density: floa
   start = count_kept(masks) / n
   targets = density_schedule(density, rounds, schedule, start=min(1.0, start))
   for d in targets:
-    masks = masks_from_scores(score_fn(params, masks), d, scope, masks)
+    masks = masks_from_scores(score_fn(params, masks), d, scope, masks, allow_empty=allow_empty)
   return masks
 
