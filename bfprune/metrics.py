@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bfprune import float64 as float64_lib
 from bfprune.pruning import masks as masks_lib
 
 PyTree = Any
@@ -528,7 +529,9 @@ def detect_collapse(apply_fn_or_model: nn.Module | Callable[[PyTree, jax.Array],
   mean 0 / variance 1, and a (1, *input_shape) all-ones input. Every module output is rescaled to
   max 1, so R = Σ|outputs| is exactly 0 iff the net is disconnected, however deep or sparse it is.
   (Assumes zero-preserving activations and pooling, as in ReLU nets; the model must return
-  pre-softmax outputs.)
+  pre-softmax outputs.) x64 is on for this call only, and the forward runs on
+  ``bfprune.float64.float64_device()``: the default device on CPU / GPU, the host CPU where the
+  default device has no float64 (TPU; masks and state are copied there).
 
   Args:
     apply_fn_or_model: a ``flax.linen`` Module (run as ``model.apply({'params': p, ...}, x,
@@ -555,14 +558,15 @@ def detect_collapse(apply_fn_or_model: nn.Module | Callable[[PyTree, jax.Array],
     return path in owners
 
   record: list[tuple[Path, Any]] = []
-  with jax.enable_x64(True):
+  with float64_lib.float64_scope() as device:  # x64 for this call only, on a float64 device
     x = jnp.ones((1,) + shape, jnp.float64)
-    new_p = _connectivity_params(p, flat_masks)
+    new_p = _connectivity_params(p, float64_lib.place(flat_masks, device))
     if is_module:
       model = apply_fn_or_model
       kwargs = _default_kwargs(model.__call__, apply_kwargs)
       full = _complete_variables(model, variables, jax.ShapeDtypeStruct(x.shape, x.dtype), kwargs)
-      state = {c: _connectivity_state(t) for c, t in full.items() if c != "params"}
+      state = float64_lib.place(
+          {c: _connectivity_state(t) for c, t in full.items() if c != "params"}, device)
       run = lambda q, xx: model.apply({"params": q, **state}, xx, **kwargs)
     else:
       run = lambda q, xx: apply_fn_or_model(q, xx, **apply_kwargs)

@@ -28,14 +28,22 @@ activations in the (i, j, c) order above (matching an HWIO kernel's reshape). Th
 orders them channel-major, ``f = c*kh*kw + i*kw + j`` — but on XLA CPU it is a grouped
 convolution, 2-3x slower than slicing, so it is used only as an independent check in the tests.
 
+Platforms: a BCSR product is XLA:CPU's CSR kernel on CPU and can be cuSPARSE / hipSPARSE on a GPU
+(``native_lowering``); a TPU has no native sparse kernel. ``lower_native`` lowers a forward and
+says which kernel it got, or why none. Sparse products multiply in full float32; the dense
+same-layout path (plain kernels) follows JAX's default matmul precision (TF32 on recent NVIDIA
+GPUs, bfloat16 passes on TPU), so compare against references computed under
+``jax.default_matmul_precision("highest")``.
+
 Only stride-1 "same" convolutions (the project's ``conv3x3``) and dense layers are supported.
 ``sparsify`` runs on host (its output shapes depend on the mask); the forward functions are pure
 and jit-friendly (a ``SparseKernel`` is a pytree whose shapes are static).
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +160,80 @@ def densify(sparse_params: PyTree) -> PyTree:
   """Inverse of ``sparsify``: SparseKernel leaves back to dense masked kernels."""
   return jax.tree.map(lambda x: x.todense() if isinstance(x, SparseKernel) else x,
                       sparse_params, is_leaf=lambda x: isinstance(x, SparseKernel))
+
+
+# --- native kernels per platform -------------------------------------------------------------
+
+# Custom-call targets of the native sparse x dense kernels a BCSR product lowers to: XLA:CPU's CSR
+# kernel, and cuSPARSE / hipSPARSE on GPU (JAX uses those only under its
+# ``jax_bcoo_cusparse_lowering`` flag, off by default, and only with a GPU jaxlib). Everywhere
+# else (TPU, GPU without the flag) a BCSR product lowers to XLA's generic gather + scatter-add,
+# which is slower than the dense product it replaces and so is not "sparse inference".
+NATIVE_KERNELS = ("cpu_csr_sparse_dense_ffi", "cusparse_csr_matmat_ffi", "cusparse_csr_matvec_ffi",
+                  "hipsparse_csr_matmat_ffi", "hipsparse_csr_matvec_ffi")
+_CUSTOM_CALL = re.compile(r"custom_call\s*@([\w.$-]+)")
+
+
+@contextlib.contextmanager
+def native_lowering() -> Iterator[None]:
+  """Within the block, BCSR products lower to cuSPARSE / hipSPARSE on GPU (on CPU they always use
+  XLA:CPU's CSR kernel; elsewhere nothing changes).
+
+  The flag is read when a function is lowered and is not part of jit's cache key: trace and lower
+  a *fresh* function inside the block (``lower_native`` does), not one already compiled outside.
+  """
+  old = jax.config.jax_bcoo_cusparse_lowering
+  jax.config.update("jax_bcoo_cusparse_lowering", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_bcoo_cusparse_lowering", old)
+
+
+def native_kernel_calls(module_text: str) -> list[str]:
+  """The native sparse kernels (``NATIVE_KERNELS``) called in a lowered module's text, in order."""
+  return [t for t in _CUSTOM_CALL.findall(module_text) if t in NATIVE_KERNELS]
+
+
+def sparse_products(tree: PyTree) -> int:
+  """Number of non-empty ``SparseKernel`` leaves in ``tree``, each one sparse product in a
+  forward (empty ones are skipped by ``linear_fm`` / ``conv_fm``; BCOO ones count too, and never
+  lower to a native kernel)."""
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, SparseKernel))
+  return sum(1 for x in leaves if isinstance(x, SparseKernel) and x.nse > 0)
+
+
+def lower_native(fn: Callable[..., Any], *args: Any, platform: Optional[str] = None
+                 ) -> tuple[Optional[jax.stages.Lowered], str]:
+  """Lowers ``jax.jit(fn)(*args)`` with native sparse kernels and checks that it got them.
+
+  Args:
+    fn: a forward over sparsified params, e.g. ``fc_apply_sparse``, using each non-empty
+      ``SparseKernel`` in ``args`` once (only BCSR ones can lower to a native kernel).
+    platform: lower for this platform ("cpu", "cuda", "rocm", "tpu"; a cross-platform lowering,
+      e.g. to check a GPU from a CPU-only install), or None: where ``args`` live.
+
+  Returns:
+    ``(lowered, kernel)`` when every non-empty sparse product in ``args`` lowered to a native kernel
+    (``kernel`` names it, or says that there is no product); ``(None, why)`` when the platform
+    has none (the lowering failed, e.g. a CPU-only jaxlib has no cuSPARSE, or fell back to XLA's
+    generic gather + scatter-add), ``why`` one line.
+  """
+  where = platform or jax.default_backend()
+  with native_lowering():
+    traced = jax.jit(lambda *a: fn(*a)).trace(*args)  # a fresh function: see native_lowering
+    try:
+      lowered = (traced.lower() if platform is None
+                 else traced.lower(lowering_platforms=(platform,)))
+    except Exception as e:  # pylint: disable=broad-except  # a missing GPU library, any kind
+      msg = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+      return None, f"no native sparse kernel on {where} in this jaxlib (lowering failed: {msg})"
+  needed = sparse_products(args)
+  calls = native_kernel_calls(lowered.as_text())
+  if len(calls) < needed:
+    return None, (f"sparse products lower to XLA's generic gather + scatter-add on {where} "
+                  f"({len(calls)} of {needed} use a native sparse kernel): not sparse inference")
+  return lowered, (", ".join(sorted(set(calls))) if calls else "no sparse products")
 
 
 # --- feature-major layers --------------------------------------------------------------------

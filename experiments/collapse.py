@@ -43,7 +43,6 @@ import csv
 import io
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -92,10 +91,11 @@ def define_flags() -> None:
   flags.DEFINE_bool("dry_run", False, "Print each search (pruner x head x search) and how far "
                     "the probes already in <out_dir>/results.jsonl take it, then exit: no "
                     "training, no data loaded, nothing written")
-  flags.DEFINE_string("compilation_cache", str(Path(tempfile.gettempdir()) / "bfprune_jax_cache"),
-                      "JAX persistent compilation cache folder ('' = off). Each probe builds new "
-                      "closures (pruning scores, collapse detector), which plain jit recompiles; "
-                      "the on-disk cache, keyed by the compiled program, makes repeats cheaper")
+  flags.DEFINE_string("compilation_cache", "",
+                      "JAX persistent compilation cache folder, or 'none' (default: "
+                      "$XDG_CACHE_HOME/bfprune/jax). Each probe builds new closures (pruning "
+                      "scores, collapse detector), which plain jit recompiles; the on-disk cache, "
+                      "keyed by the compiled program, makes repeats cheaper")
 
 
 HEADS = ("none", "head")
@@ -719,13 +719,12 @@ def main(argv):
     dry_run(settings, rows, settings["out_dir"] / RESULTS)
     return
 
-  import jax  # heavy imports after validation
-  if FLAGS.compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  from bfprune import data as data_lib
+  from bfprune import data as data_lib  # heavy imports after validation
   from experiments import pipeline
+  try:
+    pipeline.enable_compilation_cache(FLAGS.compilation_cache)
+  except pipeline.CompilationCacheError as e:
+    sys.exit(f"collapse.py: error: {e}")
   try:
     dataset = pipeline.load_training_data(settings["dataset"], FLAGS.data_dir,
                                           FLAGS.train_examples, FLAGS.batch_size)

@@ -3,15 +3,17 @@
 Composes the library's pieces; all experiment plumbing lives here, none in ``bfprune``.
 
 ``run_one`` is built from ``build_run`` (model, initialisation, trainer, test batches),
-``prune_step`` (prune and re-mask) and ``timed_sparse_inference`` (the row's
-``inference_seconds_sparse``).
+``prune_step`` (prune and re-mask) and ``sparse_inference`` (the row's
+``inference_seconds_sparse`` and ``inference_sparse_note``).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -42,6 +44,57 @@ def chunk_steps(model: str) -> int:
   """Optimizer steps per jitted call for a model name: 64 for MLPs (one ``lax.scan``), 1 for
   conv nets, whose convolutions ran ~8x slower inside an XLA:CPU while loop."""
   return 64 if model == "fc" else 1
+
+
+# Programs that took at least this long to compile go to the persistent cache: every train / eval /
+# scoring step of a run (about 0.3-6 s each on this CPU for FC / MNIST), not the eager single-op
+# programs (20-60 ms, barely more than reading an entry back).
+CACHE_MIN_COMPILE_SECONDS = 0.1
+
+
+class CompilationCacheError(ValueError):
+  """The ``--compilation_cache`` folder cannot be used (one line naming it)."""
+
+
+def default_compilation_cache_dir() -> Path:
+  """``$XDG_CACHE_HOME/bfprune/jax``, else ``~/.cache/bfprune/jax``: shared by every sweep."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return Path(base) / "bfprune" / "jax"
+
+
+def enable_compilation_cache(path: Optional[str]) -> Optional[Path]:
+  """Turns on JAX's persistent compilation cache (process-wide) for a script's runs.
+
+  Each run of a sweep builds new jitted closures (train / eval steps, pruning scores), so a second
+  run of the same shapes retraces them; with the cache its compiles become disk reads, keyed by
+  the compiled program (HLO, compile options, jaxlib, device kind: a stale or foreign entry is
+  never used). Call it once, early, from a script's main.
+
+  Args:
+    path: the ``--compilation_cache`` flag: a folder (created if missing), ``""`` / None for
+      ``default_compilation_cache_dir()``, or ``"none"`` to leave the cache off.
+
+  Returns:
+    The folder in use, or None when off.
+
+  Raises:
+    CompilationCacheError: the folder cannot be created or written.
+  """
+  if path is not None and path.strip().lower() == "none":
+    return None
+  folder = Path(path).expanduser() if path else default_compilation_cache_dir()
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise CompilationCacheError(f"--compilation_cache={str(folder)!r}: cannot create the folder "
+                                f"({e.strerror or e}); pass another folder or 'none'") from None
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise CompilationCacheError(f"--compilation_cache={str(folder)!r}: folder is not writable; "
+                                "pass another folder or 'none'")
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # any size, no override
+  return folder
 
 
 class DataSizeError(ValueError):
@@ -182,37 +235,51 @@ class SparseCheckError(AssertionError):
   """The sparse forward disagrees with the masked-dense model: a wrong export, not a timing."""
 
 
-def timed_sparse_inference(cfg: RunConfig, params, masks, test_x: np.ndarray,
-                           test_y: Optional[np.ndarray] = None, *, model=None,
-                           dense_top1: Optional[float] = None, repeats: int = 5,
-                           log: Log = print, check_examples: int = 64,
-                           logit_rtol: float = 1e-3, logit_atol: float = 1e-5,
-                           top1_tol: float = 0.05) -> Optional[float]:
-  """Median wall seconds of a real sparse (BCSR) pass over the test set, or None.
+class SparseTiming(NamedTuple):
+  """``seconds``: median wall seconds of a real sparse pass over the test set, or None;
+  ``note``: the native kernel that was timed, or one line on why nothing was timed."""
+  seconds: Optional[float]
+  note: str
+
+
+def sparse_inference(cfg: RunConfig, params, masks, test_x: np.ndarray,
+                     test_y: Optional[np.ndarray] = None, *, model=None,
+                     dense_top1: Optional[float] = None, repeats: int = 5,
+                     log: Log = print, check_examples: int = 64,
+                     logit_rtol: float = 1e-3, logit_atol: float = 1e-5,
+                     top1_tol: float = 0.05) -> SparseTiming:
+  """Times a real sparse (BCSR) pass over the test set; the row's ``inference_seconds_sparse``
+  and ``inference_sparse_note``.
 
   ``params * masks`` is exported with ``bfprune.sparse.sparsify(params, masks, "bcsr")`` (every
   masked kernel a BCSR matrix holding exactly its kept weights) and run through
   ``fc_apply_sparse`` / ``vgg16_apply_sparse`` (inference mode), jitted. The test set is cut into
   batches of ``cfg.batch_size`` with the last one zero-padded, as the dense evaluation
-  (``train.make_eval_data``) does; one untimed pass compiles and warms up, then ``repeats``
-  passes (every batch's logits, blocked on) are timed and the median returned. Unlike the
-  dense ``inference_seconds`` (one jitted scan that also sums loss / top-k) the batches are
-  separate jitted calls, as in ``experiments/bench_sparse.py``; the loss / top-k sums are
-  negligible next to the forward pass. A net with an empty layer is still timed (its forward
-  is then little more than the head's bias).
+  (``train.make_eval_data``) does; one untimed pass warms up, then ``repeats`` passes (every
+  batch's logits, blocked on) are timed and the median returned. Unlike the dense
+  ``inference_seconds`` (one jitted scan that also sums loss / top-k) the batches are separate
+  jitted calls, as in ``experiments/bench_sparse.py``; the loss / top-k sums are negligible next
+  to the forward pass. A net with an empty layer is still timed (its forward is then little more
+  than the head's bias).
 
-  Supported (see ``sparse_unsupported``): ``--model=fc`` and ``--model=vgg16`` with plain
-  dense / 3x3 conv kernels, i.e. ``--factorize=none`` and no ``--batch_norm``. For
-  ``--factorize=head|all`` (butterfly / K-matrix / Monarch layers, whose twiddles are not
-  2-D / 4-D kernels) and BatchNorm it logs why and returns None.
+  Not timed (``seconds`` None, ``note`` says why, also logged):
+  - the model: only ``--model=fc`` and ``--model=vgg16`` with plain dense / 3x3 conv kernels,
+    i.e. ``--factorize=none`` and no ``--batch_norm`` (see ``sparse_unsupported``);
+  - the backend: every BCSR product must lower to a native sparse kernel
+    (``bfprune.sparse.lower_native``): XLA:CPU's CSR kernel, or cuSPARSE / hipSPARSE on a GPU
+    with a GPU jaxlib. On TPU, or a GPU whose jaxlib lacks them, a BCSR product is XLA's generic
+    gather + scatter-add, slower than the dense product, and timing it would not be sparse
+    inference.
 
   Checks (a wrong export must not pass as a fast number): the sparse logits of the first
   ``check_examples`` test examples must equal the masked-dense ``model.apply``'s to
   ``logit_rtol`` x max |logit| + ``logit_atol`` (relative: an initialised net's logits can be
-  ~1e-3), which checks the export and the sparse forward; and, given ``test_y`` and
-  ``dense_top1`` (the dense evaluation's top-1 %), the sparse top-1 over the whole test set must
-  be within ``top1_tol`` points of it, which checks that the export is the evaluated model.
-  Either failure raises ``SparseCheckError``.
+  ~1e-3), which checks the export and the sparse forward. The masked-dense reference is computed
+  at ``precision="highest"``: the sparse kernels multiply in full float32, while a GPU's default
+  (TF32) or a TPU's (bfloat16 passes) matmul would put the reference's own error above the
+  tolerance. Given ``test_y`` and ``dense_top1`` (the dense evaluation's top-1 %), the sparse
+  top-1 over the whole test set must be within ``top1_tol`` points of it, which checks that the
+  export is the evaluated model. Either failure raises ``SparseCheckError``.
 
   Args:
     cfg: the run's config (model, factorize, batch_norm, batch_size).
@@ -224,17 +291,22 @@ def timed_sparse_inference(cfg: RunConfig, params, masks, test_x: np.ndarray,
   why = sparse_unsupported(cfg)
   if why is not None:
     log(f"sparse inference: not timed ({why})")
-    return None
+    return SparseTiming(None, why)
   num_classes = int(np.shape(params["head"]["kernel"])[-1])
   model = build_model(cfg, num_classes) if model is None else model
   masked = masks_lib.apply_masks(params, masks)
   sparse_params = sparse_lib.sparsify(params, masks, fmt="bcsr")
-  fwd = jax.jit(sparse_lib.fc_apply_sparse if cfg.model == "fc" else sparse_lib.vgg16_apply_sparse)
+  apply = sparse_lib.fc_apply_sparse if cfg.model == "fc" else sparse_lib.vgg16_apply_sparse
   n = len(test_x)
   ev = train.make_eval_data(test_x, np.zeros(n, np.int32), cfg.batch_size)
   batches = [jnp.asarray(b) for b in ev.x]
+  lowered, kernel = sparse_lib.lower_native(apply, sparse_params, batches[0])
+  if lowered is None:
+    log(f"sparse inference: not timed ({kernel})")
+    return SparseTiming(None, kernel)
+  fwd = lowered.compile()  # every batch has the same shape (the last one is padded)
 
-  logits = jax.block_until_ready([fwd(sparse_params, b) for b in batches])  # compile + warm up
+  logits = jax.block_until_ready([fwd(sparse_params, b) for b in batches])  # warm up
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -244,8 +316,9 @@ def timed_sparse_inference(cfg: RunConfig, params, masks, test_x: np.ndarray,
 
   k = min(check_examples, n)
   got = np.asarray(logits[0][:k])
-  ref = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(
-      masked, jnp.asarray(test_x[:k])))
+  with jax.default_matmul_precision("highest"):  # part of jit's key: compiles a HIGHEST program
+    ref = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(
+        masked, jnp.asarray(test_x[:k])))
   diff = float(np.max(np.abs(got - ref)))
   tol = logit_rtol * float(np.max(np.abs(ref))) + logit_atol
   if not diff <= tol:
@@ -261,9 +334,16 @@ def timed_sparse_inference(cfg: RunConfig, params, masks, test_x: np.ndarray,
         raise SparseCheckError(f"sparse top-1 {top1:.4f}% differs from the dense evaluation's "
                                f"{dense_top1:.4f}% by more than {top1_tol} points")
       msg += f" (dense {dense_top1:.2f}%)"
-  log(f"sparse inference: {seconds:.4g} s per test-set pass (BCSR, "
+  log(f"sparse inference: {seconds:.4g} s per test-set pass (BCSR via {kernel}, "
       f"{sparse_lib.stored_entries(sparse_params)} stored weights; {msg})")
-  return seconds
+  return SparseTiming(seconds, f"BCSR via {kernel}")
+
+
+def timed_sparse_inference(cfg: RunConfig, params, masks, test_x: np.ndarray,
+                           test_y: Optional[np.ndarray] = None, **kwargs) -> Optional[float]:
+  """``sparse_inference(...).seconds``: median seconds of a real sparse pass, or None where the
+  model or the backend has none (the reason is logged)."""
+  return sparse_inference(cfg, params, masks, test_x, test_y, **kwargs).seconds
 
 
 def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
@@ -273,8 +353,9 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
 
   With ``ckpt_dir`` the run checkpoints after every epoch and resumes from the latest
   checkpoint found there. The row's ``inference_seconds`` times the masked-dense model,
-  ``inference_seconds_sparse`` the real sparse one (``timed_sparse_inference``; None where
-  ``bfprune.sparse`` does not support the model). Raises ``SparseCheckError`` when the sparse
+  ``inference_seconds_sparse`` the real sparse one (``sparse_inference``; None where
+  ``bfprune.sparse`` does not support the model or the backend has no native sparse kernel,
+  ``inference_sparse_note`` says which). Raises ``SparseCheckError`` when the sparse
   forward disagrees with the dense evaluation (the checkpoint is kept: a rerun only evaluates).
   """
   parts = build_run(cfg, dataset, history_log)
@@ -321,7 +402,7 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
   run_epochs(cfg.pre_epochs + cfg.post_epochs)
 
   final, seconds = timed_evaluation(trainer, state, eval_data)
-  sparse_seconds = timed_sparse_inference(
+  sparse = sparse_inference(
       cfg, jax.device_get(state.params), jax.device_get(masks), dataset.test_x, dataset.test_y,
       model=model, dense_top1=final["top1"], log=log)
   variables = {"params": state.params, **({"batch_stats": state.batch_stats}
@@ -343,7 +424,8 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
       "prune_seconds": meta["prune_seconds"],
       "train_seconds": meta["train_seconds"],
       "inference_seconds": seconds,
-      "inference_seconds_sparse": sparse_seconds,
+      "inference_seconds_sparse": sparse.seconds,
+      "inference_sparse_note": sparse.note,
       "history": meta["history"],
       "train_examples": int(len(dataset.train_x)),
       "test_examples": int(len(dataset.test_x)),

@@ -57,6 +57,8 @@ flags.DEFINE_integer("seeds", 1, "Number of seeds: seed, seed+1, ...")
 flags.DEFINE_string("data_dir", None, "Folder of the standard data files (default: "
                     "$BFPRUNE_DATA_DIR, else tensorflow-datasets)")
 flags.DEFINE_string("out_dir", "runs/sweep", "Where results.jsonl and checkpoints are written")
+flags.DEFINE_string("compilation_cache", "", "JAX persistent compilation cache folder, or 'none' "
+                    "(default: $XDG_CACHE_HOME/bfprune/jax): same-shaped runs reuse compiles")
 flags.DEFINE_string("grid", None, "A named grid; it sets "
                     + ", ".join(f"--{f}" for f in cfg_lib.GRID_FLAGS)
                     + " (giving any of them with --grid is an error). "
@@ -211,6 +213,10 @@ def main(argv):
   # Heavy imports after validation so a bad flag fails in a fraction of a second.
   from bfprune import data as data_lib
   from experiments import pipeline
+  try:
+    pipeline.enable_compilation_cache(FLAGS.compilation_cache)
+  except pipeline.CompilationCacheError as e:
+    sys.exit(f"sweep.py: error: {e}")
   try:
     dataset = pipeline.load_training_data(configs[0].dataset, FLAGS.data_dir,
                                           FLAGS.train_examples, configs[0].batch_size)

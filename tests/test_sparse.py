@@ -15,6 +15,20 @@ from bfprune.pruning import masks as M
 SMALL_PLAN = (8, "M", 16, 16, "M", 12)
 
 
+@pytest.fixture(autouse=True)
+def _highest_precision():
+  """Every matmul / conv in this module at full float32, references and code under test alike.
+
+  These tests check index maps and layouts to rtol 1e-4, tighter than what a GPU's default TF32
+  or a TPU's bfloat16 passes deliver (on CPU nothing changes: XLA:CPU multiplies in float32
+  whatever the precision). Production precision is checked where it matters, by
+  ``experiments.pipeline.sparse_inference``: default-precision sparse logits against a HIGHEST
+  masked-dense reference to 1e-3.
+  """
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def _init(model, x):
   """Random params for ``model`` on input ``x``, drawn with NumPy (no jax.random: its kernels
   compile slowly on CPU): kernels N(0, 1/fan_in), biases N(0, 0.1^2) (nonzero, so a missing
@@ -99,8 +113,9 @@ def test_conv_patches_times_hwio_kernel_is_lax_conv(ksize):
   _close(out, ref)
   # lax.conv_general_dilated_patches builds the same patches with channel-major features,
   # f' = c*kh*kw + i*kw + j: a permutation of ours.
-  theirs = lax.conv_general_dilated_patches(
-      jnp.asarray(x), ksize, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  theirs = lax.conv_general_dilated_patches(  # a conv with a 0/1 kernel: HIGHEST copies exactly
+      jnp.asarray(x), ksize, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=lax.Precision.HIGHEST)
   c = x.shape[-1]
   perm = [ch * kh * kw + i * kw + j for i in range(kh) for j in range(kw) for ch in range(c)]
   np.testing.assert_allclose(np.asarray(theirs)[..., perm],
@@ -241,3 +256,49 @@ def test_bench_sparse_script_runs(tmp_path):
     assert (d is None) == (not wins)
     if wins:  # the crossover lies between the best losing and the largest winning density
       assert max(wins) <= d <= max(q["density"] for q in rows)
+
+
+# --- native kernels per platform ---------------------------------------------------------------
+
+
+def test_lower_native_per_platform(fc_setup):
+  """CPU: every product is XLA:CPU's CSR kernel. TPU: no native kernel (generic fallback), so no
+  timing. CUDA / ROCm from this install: cuSPARSE / hipSPARSE where the jaxlib has them, else a
+  clear reason; without ``native_lowering`` a GPU lowering is the generic fallback."""
+  params, x, _ = fc_setup
+  sparse = sp.sparsify(params, _random_masks(params, 0.05))
+  assert sp.sparse_products(sparse) == 6  # fc1..fc5 + head, none empty at this density
+  for platform in (None, "cpu"):
+    lowered, kernel = sp.lower_native(sp.fc_apply_sparse, sparse, x, platform=platform)
+    assert kernel == "cpu_csr_sparse_dense_ffi"
+    assert sp.native_kernel_calls(lowered.as_text()) == [kernel] * 6
+  if jax.default_backend() == "cpu":  # the lowered program runs and is the forward
+    got = lowered.compile()(sparse, x)
+    _close(got, jax.jit(sp.fc_apply_sparse)(sparse, x))
+
+  lowered, why = sp.lower_native(sp.fc_apply_sparse, sparse, x, platform="tpu")
+  assert lowered is None and "generic gather + scatter-add on tpu (0 of 6" in why
+
+  for platform, lib in (("cuda", "cusparse"), ("rocm", "hipsparse")):
+    lowered, why = sp.lower_native(sp.fc_apply_sparse, sparse, x, platform=platform)
+    if lowered is None:  # a jaxlib without that GPU plugin (e.g. this CPU-only CI)
+      assert why.startswith(f"no native sparse kernel on {platform} in this jaxlib (lowering "
+                            "failed: ") and "\n" not in why
+    else:
+      assert why == f"{lib}_csr_matmat_ffi"
+      assert sp.native_kernel_calls(lowered.as_text()) == [why] * 6
+    # JAX's default GPU lowering (flag off): the generic fallback, no native call.
+    generic = jax.jit(sp.fc_apply_sparse).trace(sparse, x).lower(lowering_platforms=(platform,))
+    assert sp.native_kernel_calls(generic.as_text()) == []
+  assert not jax.config.jax_bcoo_cusparse_lowering  # the flag is restored
+
+
+def test_lower_native_bcoo_and_empty(fc_setup):
+  params, x, _ = fc_setup
+  masks = _random_masks(params, 0.05)
+  lowered, why = sp.lower_native(sp.fc_apply_sparse, sp.sparsify(params, masks, "bcoo"), x)
+  assert lowered is None and "(0 of 6 use a native sparse kernel)" in why
+  empty = sp.sparsify(params, _random_masks(params, 0.0))
+  assert sp.sparse_products(empty) == 0
+  lowered, why = sp.lower_native(sp.fc_apply_sparse, empty, x, platform="tpu")
+  assert lowered is not None and why == "no sparse products"

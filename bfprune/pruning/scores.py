@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bfprune import float64
 from bfprune.pruning.masks import PyTree, _none_leaf, apply_masks, tree_map_masked
 
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -227,8 +228,10 @@ def synflow_scores(apply_fn: ApplyFn, params: PyTree, masks: PyTree,
   Every floating parameter is replaced by its absolute value, biases and norm parameters
   included (as the reference does with the whole state dict), and prunable ones are masked.
   R grows like the product of the layers' gains and overflows float32 on VGG16-sized nets,
-  so the pass runs in float64 (``jax.enable_x64`` scoped to this call; params are cast). The
-  model must compute in its inputs' / params' dtype (flax's default ``dtype=None``).
+  so the pass runs in float64 (x64 scoped to this call; params are cast), on
+  ``bfprune.float64.float64_device()``: the default device on CPU / GPU, the host CPU where the
+  default device has no float64 (TPU; inputs are copied there). The model must compute in its
+  inputs' / params' dtype (flax's default ``dtype=None``).
 
   Args:
     input_shape: one example's shape, without batch, e.g. (32, 32, 3).
@@ -244,7 +247,8 @@ def synflow_scores(apply_fn: ApplyFn, params: PyTree, masks: PyTree,
   shape = tuple(int(s) for s in input_shape)
   if not shape or min(shape) < 1:
     raise ValueError(f"input_shape must be one example's positive shape, got {input_shape!r}")
-  with jax.enable_x64(True):
+  with float64.float64_scope() as device:  # x64 for this call only, on a float64 device
+    params, masks = float64.place((params, masks), device)
     scores, finite, big_r = _synflow_jit(apply_fn, params, masks, shape)
     scores = jax.tree.map(np.asarray, scores)  # zero-copy on CPU; float64 survives the scope
     big_r = float(big_r)
