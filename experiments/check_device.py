@@ -408,10 +408,12 @@ def butterfly_impls() -> list[Optional[str]]:
   return list(getattr(bf, "IMPLS", ("auto", "cpu", "generic")))
 
 
-def layer_impls(layer_cls) -> list[Optional[str]]:
-  """The impls a structured layer can be asked for (``[None]`` without an ``impl`` field)."""
+def layer_impls(layer_cls, quick: bool = False) -> list[Optional[str]]:
+  """The impls a structured layer can be asked for (``[None]`` without an ``impl`` field);
+  ``quick``: only the first (the default, 'auto'), the butterfly check covering every impl."""
   fields = getattr(layer_cls, "__dataclass_fields__", {})
-  return butterfly_impls() if "impl" in fields else [None]
+  impls = butterfly_impls() if "impl" in fields else [None]
+  return impls[:1] if quick else impls
 
 
 def _impl_kw(impl: Optional[str]) -> dict:
@@ -628,7 +630,7 @@ def layer_cases(fault: bool, quick: bool = False) -> list[tuple[str, Any, Callab
 
 def check_layers(s: Settings, report: Report, backend: str) -> None:
   for name, cls, fn in layer_cases(s.fault == "layers", s.quick):
-    for impl in (layer_impls(cls) if cls is not None else [None]):
+    for impl in (layer_impls(cls, s.quick) if cls is not None else [None]):
       for prec, u in precisions(backend):
         label = name + ("" if cls is None else f" {_impl_label(impl)}") + f" {prec}"
 
@@ -707,6 +709,15 @@ def _scores(name: str, apply_fn, params, masks, batch, input_shape, key):
 PRUNERS = ("rand", "mag", "snip", "grasp", "synflow")
 
 
+def _float64_device() -> str:
+  """Where the library runs float64 work from the current default device ('?' if unknown)."""
+  try:
+    from bfprune import float64
+    return str(float64.float64_device())
+  except Exception:  # noqa: BLE001 - older versions: float64 on the default device
+    return "?"
+
+
 def check_pruners(s: Settings, report: Report, backend: str) -> None:
   import jax
   import jax.numpy as jnp
@@ -768,7 +779,11 @@ def check_pruners(s: Settings, report: Report, backend: str) -> None:
           tol = K_SYNFLOW * U64 if pname == "synflow" else K_SCORES * u
           ok_masks, desc = mask_agreement(got, ref, MASK_DENSITY)
           ok = e <= tol and ok_masks
-          return PASS if ok else FAIL, f"err {_fmt(e)}; {desc}", _fmt(tol)
+          where64 = ""
+          if pname == "synflow":   # float64 runs on the device when it has float64, else host
+            with jax.default_device(dev):
+              where64 = f" (float64 on {_float64_device()})"
+          return PASS if ok else FAIL, f"err {_fmt(e)}{where64}; {desc}", _fmt(tol)
         where = "host CPU" if dev.platform == "cpu" else dev.platform
         run_item(report, "correctness",
                  f"pruner {pname} on {mname}: {where} {prec} vs host CPU {ref_prec}", one)
