@@ -70,7 +70,7 @@ sys.path.insert(0, str(REPO))
 FLAGS = flags.FLAGS
 CHECKS = ("butterfly", "layers", "pruners", "sharded", "smoke")
 BENCHES = ("bench_butterfly", "bench_train", "bench_models")
-FAULTS = ("butterfly", "layers", "pruners", "sharded", "smoke")
+FAULTS = ("butterfly", "layers", "pruners", "sharded")
 
 flags.DEFINE_string("out", "runs/check_device.md", "Markdown report to write")
 flags.DEFINE_bool("quick", False, "Tiny sizes everywhere (this CPU, CI)")
@@ -935,8 +935,8 @@ def check_smoke(s: Settings, report: Report, backend: str) -> None:
   data_dir = s.data_dir or os.environ.get("BFPRUNE_DATA_DIR")
   pruner = s.smoke_pruner or ("rand" if s.quick else "snip")
   n = s.smoke_train_examples or (64 if s.quick else 512)
-  # Batch >= 64: pipeline.timed_sparse_inference compares the first 64 test logits of the
-  # first batch alone.
+  # Batch >= 64: the sweep's sparse-inference check compares the first 64 test logits with
+  # the first batch's alone (a smaller batch fails there on shapes, not on values).
   batch = 64 if s.quick else 128
   box: dict = {}
 
@@ -975,14 +975,14 @@ def check_smoke(s: Settings, report: Report, backend: str) -> None:
       vals = [hist["train_loss"], row["test_loss"], row["top1"]]
       density_ok = abs(row["density"] - 0.1) < 1e-3
       ok = all(math.isfinite(v) for v in vals) and 0 <= row["top1"] <= 100 and density_ok
-      if s.fault == "smoke":
-        ok = False
       sparse = row.get("inference_seconds_sparse")
+      note = row.get("inference_sparse_note")
       measured = (f"train loss {hist['train_loss']:.3f}, test loss {row['test_loss']:.3f}, "
                   f"top-1 {row['top1']:.1f}%, density {row['density']:.4f}, "
                   f"{hist['examples_per_s']:.0f} ex/s (1st epoch incl. compile), prune "
                   f"{row['prune_seconds']:.1f} s, eval pass {row['inference_seconds']:.3g} s, "
-                  f"sparse pass {'n/a' if sparse is None else f'{sparse:.3g} s'}")
+                  f"sparse pass {'n/a' if sparse is None else f'{sparse:.3g} s'}"
+                  + (f" ({note})" if note else ""))
       return (PASS if ok else FAIL), measured, "finite, density 0.1"
     run_item(report, "smoke", f"VGG16 factorize={factorize} pruner={pruner} c=1, "
              f"{n} examples, batch {batch}, 1 epoch", one)

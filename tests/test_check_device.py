@@ -177,3 +177,20 @@ def test_numpy_butterfly_reference_against_explicit_small_matrices():
     num[i] = (loss(tw + e) - loss(tw - e)) / 2e-6
   np.testing.assert_allclose(dtw, num, atol=1e-6)
   np.testing.assert_allclose(dx, ct @ cd.np_butterfly_matrix(tw, True))
+
+
+@pytest.mark.parametrize("fault", ["", "pruners"])
+def test_pruner_check_passes_on_identical_weights_and_fails_on_a_wrong_reference(
+    fault, tmp_path, monkeypatch):
+  """The pruner rows in-process on a tiny FC: all PASS, or all FAIL with the host reference
+  perturbed by 0.1 % (scores) so that rand / mag are no longer bit-identical either."""
+  from bfprune import models
+  from experiments import check_device as cd
+  monkeypatch.setattr(cd, "pruner_models", lambda quick: [
+      ("tiny FC", models.FC(hidden=(16, 16)), (4, 4, 1))])
+  s = cd.Settings(quick=True, checks=("pruners",), fault=fault)
+  report = cd.Report(tmp_path / "r.md", s)
+  cd.check_pruners(s, report, "cpu")
+  statuses = {r.name.split(" on ")[0]: r.status for r in report.results}
+  assert sorted(statuses) == [f"pruner {p}" for p in sorted(cd.PRUNERS)]
+  assert set(statuses.values()) == {cd.FAIL if fault else cd.PASS}, report.results
