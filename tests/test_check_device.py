@@ -103,8 +103,11 @@ def test_smoke_without_data_folder_is_one_clear_failure(tmp_path):
     (["--checks=butterfly,nope"], "--checks item 'nope' is not one of"),
     (["--inject_fault=gpu"], "--inject_fault='gpu' is not one of"),
     (["--smoke_pruner=magic"], "--smoke_pruner='magic' is not one of"),
+    (["--compilation_cache=TMP/file/cache"], "cannot create the folder"),
 ])
 def test_bad_flags_are_one_line(args, message, tmp_path):
+  (tmp_path / "file").write_text("")
+  args = [a.replace("TMP", str(tmp_path)) for a in args]
   proc = _run(args + [f"--out={tmp_path / 'r.md'}"], timeout=120)
   assert proc.returncode == 2 and message in proc.stderr
   assert "Traceback" not in proc.stderr and not (tmp_path / "r.md").exists()
