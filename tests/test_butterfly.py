@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -103,28 +104,60 @@ def test_large_batch_and_reference_einsum(impl):
   assert rel_err(bf.butterfly_multiply_reference(tw, x, False), want) < 2e-5
 
 
+def _instructions(hlo: str) -> list[str]:
+  """Optimized HLO reduced to its instructions without names and metadata."""
+  out = []
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%\S+ = (.*)", line)
+    if m:
+      out.append(re.sub(r"%[\w.\-]+", "%", re.sub(r", metadata=\{[^}]*\}", "", m.group(1))))
+  return out
+
+
 def test_auto_is_the_cpu_path_here():
-  """On CPU "auto" lowers the CPU path: bit-identical values and gradients; both agree with
-  the reference (a decreasing-stride complex case with 2 stacks and 2 blocks)."""
+  """On CPU "auto" compiles to the CPU path, instruction for instruction (so it is as fast;
+  the other path's residuals are dropped), with bit-identical values and gradients; both
+  agree with the reference (a decreasing-stride complex case, 2 stacks, 2 blocks)."""
   rng = np.random.default_rng(8)
   tw, x = make(rng, 16, 2, 2, "complex", 5)
   want = x @ butterfly_matrix(tw.astype(np.complex128), False).T
   got = {impl: bf.butterfly_multiply(tw, x, False, impl) for impl in ("auto", "cpu")}
   np.testing.assert_array_equal(got["auto"], got["cpu"])
   assert rel_err(got["auto"], want) < 2e-5
-  grads = {impl: jax.jit(jax.grad(lambda t, v, impl=impl: jnp.sum(jnp.abs(
-      bf.butterfly_multiply(t, v, False, impl)) ** 2), argnums=(0, 1)))(tw, x)
-           for impl in ("auto", "cpu")}
-  for a, b in zip(grads["auto"], grads["cpu"]):
+  compiled = {impl: jax.jit(jax.grad(lambda t, v, impl=impl: jnp.sum(jnp.abs(
+      bf.butterfly_multiply(t, v, False, impl)) ** 2), argnums=(0, 1))).lower(tw, x).compile()
+              for impl in ("auto", "cpu")}
+  assert _instructions(compiled["auto"].as_text()) == _instructions(compiled["cpu"].as_text())
+  for a, b in zip(compiled["auto"](tw, x), compiled["cpu"](tw, x)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_auto_under_other_transformations():
+  """The platform switch outside jit (disable_jit), under vmap (per-example gradients), and
+  exported for CPU and CUDA at once, then run here (the CPU lowering is picked)."""
+  rng = np.random.default_rng(10)
+  tw, x = make(rng, 4, 2, 1, "real", 3)
+  tw, x = jnp.asarray(tw), jnp.asarray(x)
+  m = jnp.asarray(butterfly_matrix(np.asarray(tw)))
+  with jax.disable_jit():
+    np.testing.assert_allclose(bf.butterfly_multiply(tw, x), x @ m.T, rtol=1e-5, atol=1e-5)
+  per_example = lambda f: jax.jit(lambda: jax.vmap(lambda v: jax.grad(
+      lambda t: jnp.sum(f(t, v[None]) ** 2))(tw))(x))()
+  build = dense_jnp(True, tw.shape)
+  assert rel_err(per_example(bf.butterfly_multiply),
+                 np.asarray(per_example(lambda t, v: v @ build(t).T))) < 1e-5
+  exported = jax.export.export(bf.butterfly_multiply, platforms=["cpu", "cuda"])(tw, x)
+  np.testing.assert_allclose(exported.call(tw, x), x @ m.T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["real", "complex", "complex_x"])
 def test_float64(kind, impl):
+  # The generic path skips the largest case (its passes are the same at every size).
+  sizes = [(4, True, 1), (64, False, 2), (256, True, 3)][:3 if impl == "cpu" else 2]
   with jax.enable_x64(True):
     rng = np.random.default_rng(2)
-    for n, inc, nblocks in [(4, True, 1), (64, False, 2), (256, True, 3)]:
+    for n, inc, nblocks in sizes:
       tw, x = make(rng, n, 2, nblocks, kind, 9, dtype=np.float64)
       y = bf.butterfly_multiply(jnp.asarray(tw), jnp.asarray(x), inc, impl)
       assert y.dtype == (np.complex128 if kind != "real" else np.float64)
@@ -211,31 +244,22 @@ def test_gradients_match_dense_reference(n, inc, nblocks, nstacks, kind, impl):
     assert rel_err(g, np.asarray(w)) < 1e-4
 
 
-@pytest.fixture(scope="module")
-def second_order():
-  """Inputs and reference values of GraSP-style second derivatives (dense reference): the
-  jvp of the gradient (H v) and the gradient of a gradient norm, complex twiddle and input."""
+@pytest.mark.parametrize("impl,n,nstacks", [("cpu", 8, 2), ("generic", 8, 2), ("auto", 4, 1)])
+def test_second_order_forward_over_reverse(impl, n, nstacks):
+  """GraSP-style second derivatives match the dense reference: the jvp of the gradient
+  (H v) and the gradient of a gradient norm, complex twiddle and input, 2 blocks ("auto",
+  the CPU path through the platform switch, at a smaller size)."""
   rng = np.random.default_rng(5)
-  tw, x = make(rng, 8, 2, 2, "complex", 5)
+  tw, x = make(rng, n, nstacks, 2, "complex", 5)
   tw, x = jnp.asarray(tw), jnp.asarray(x)
   v = jnp.asarray((rng.standard_normal(tw.shape) + 1j * rng.standard_normal(tw.shape)
                    ).astype(np.complex64))
-  fns = {impl: _loss_fns(tw, x, False, np.random.default_rng(6), impl)[0]
-         for impl in IMPLS + ("auto",)}
-  ref = _loss_fns(tw, x, False, np.random.default_rng(6))[1]
+  fast, ref = _loss_fns(tw, x, False, rng, impl)
   hv = lambda f: jax.jvp(lambda t: jax.grad(f)(t, x), (tw,), (v,))[1]
   gg = lambda f: jax.grad(lambda t: jnp.sum(jnp.abs(jax.grad(f, argnums=1)(t, x)) ** 2))(tw)
-  both = lambda f: jax.jit(lambda: (hv(f), gg(f)))()   # one compilation per impl
-  return fns, both, both(ref)
-
-
-@pytest.mark.parametrize("impl", IMPLS + ("auto",))
-def test_second_order_forward_over_reverse(second_order, impl):
-  """jvp of the gradient (GraSP's H g) and grad of a gradient norm match the reference."""
-  fns, both, (hv_ref, gg_ref) = second_order
-  hv, gg = both(fns[impl])
-  assert rel_err(hv, np.asarray(hv_ref)) < 1e-4
-  assert rel_err(gg, np.asarray(gg_ref)) < 1e-4
+  both = lambda f: jax.jit(lambda: (hv(f), gg(f)))()   # one compilation each
+  for got, want in zip(both(fast), both(ref)):
+    assert rel_err(got, np.asarray(want)) < 1e-4
 
 
 def test_generic_forward_mode_and_no_conditionals():
@@ -248,8 +272,9 @@ def test_generic_forward_mode_and_no_conditionals():
   dtw = jnp.asarray(rng.standard_normal(tw.shape).astype(np.complex64))
   dx = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
   build = dense_jnp(True, tw.shape)
-  _, got = jax.jvp(lambda t, v: bf.butterfly_multiply(t, v, True, "generic"), (tw, x), (dtw, dx))
-  _, want = jax.jvp(lambda t, v: v @ build(t).T, (tw, x), (dtw, dx))
+  jvp = lambda f: jax.jit(lambda: jax.jvp(f, (tw, x), (dtw, dx))[1])()
+  got = jvp(lambda t, v: bf.butterfly_multiply(t, v, True, "generic"))
+  want = jvp(lambda t, v: v @ build(t).T)
   assert rel_err(got, np.asarray(want)) < 1e-4
 
   def conds(impl):

@@ -245,10 +245,11 @@ def test_snip_twiddle_scores_equal_a_hand_written_network(nets, impl):
   assert np.asarray(got["bf"]["twiddle"])[~keep].max() == 0
 
 
-@pytest.mark.parametrize("impl", IMPLS + ("auto",))
+@pytest.mark.parametrize("impl", ["auto", "generic"])
 def test_grasp_twiddle_scores_equal_a_hand_written_network(nets, impl):
   # GraSP's H g (forward-over-reverse through the layer) against the same score of the
-  # hand-written network, whose butterfly is the explicit factor product.
+  # hand-written network, whose butterfly is the explicit factor product. "auto" is the
+  # CPU path here, differentiated twice through the platform switch.
   _, params, apply_fn = nets[impl]
   params = jax.tree.map(lambda p: p + 0.1, params)
   masks = M.ones_like(params, M.is_kernel_or_twiddle)

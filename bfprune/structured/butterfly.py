@@ -7,11 +7,17 @@
 * ``"generic"``: the same radix passes, each one ``einsum`` (a batched ``dot_general``) of
   the pass matrix with the activations, differentiated by plain autodiff: no conditionals,
   no batch split, no tiled transposes, no custom VJP (so every order of AD, forward mode
-  included, works). Dots are never fused into each other, so no pass is recomputed inside
-  the next (the trap the CPU path's conditionals avoid) on any backend.
-* ``"auto"`` (default): ``jax.lax.platform_dependent`` with ``cpu`` -> "cpu", anything
-  else -> "generic". The choice is made when lowering: a module lowered / exported for CUDA
-  or TPU alone contains only the generic passes (checked in tests/test_export.py).
+  included, works). Each pass is materialised once by its dot, which XLA's fusion does not
+  duplicate into the next pass (elementwise multiply-adds it would, recomputing elements
+  2^m times: the trap the CPU path's conditionals avoid).
+* ``"auto"`` (default): "cpu" where lowered for CPU, "generic" everywhere else, chosen
+  when lowering by a primitive with per-platform lowering rules (``_platform_call``): a
+  module lowered / exported for CUDA or TPU contains only the generic passes and no
+  conditional at all (tests/test_export.py). Its custom VJP pairs each path's forward with
+  its own backward; the residuals of the path not lowered are zeros that nothing reads.
+  The generic path's speed on GPU / TPU is unmeasured (its values are checked on CPU, its
+  lowering by export). A dense matmul of the materialised matrix, possibly faster on a GPU
+  for small n, is left to callers (KOPS2D does it for n <= 64: ``materialize``).
 
 Layout (ports one-to-one from the established PyTorch implementation):
 ``twiddle``: (nstacks, nblocks, log2 n, n/2, 2, 2). Within one block, factor ``l`` (in the
@@ -631,7 +637,8 @@ _platform_call_p.multiple_results = True
 
 def _platform_call(*args, cpu, default):
   """``cpu(*args)`` where lowered for CPU, ``default(*args)`` elsewhere; both branches must
-  return the same pytree of arrays with the same shapes and dtypes."""
+  return the same pytree of arrays with the same shapes and dtypes, and must not close over
+  arrays (they are traced to jaxprs of ``args`` alone)."""
   flat, in_tree = jax.tree.flatten(args)
   flat_fn = lambda fn: (lambda *leaves: fn(*jax.tree.unflatten(in_tree, leaves)))
   avals = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in flat]
@@ -646,7 +653,10 @@ def _platform_call(*args, cpu, default):
 
 
 def _platform_call_impl(*args, cpu, default):
-  return jax.jit(functools.partial(_platform_call_p.bind, cpu=cpu, default=default))(*args)
+  """Eager evaluation (outside jit, e.g. under ``jax.disable_jit``): by the arguments' devices."""
+  platforms = {d.platform for a in args if isinstance(a, jax.Array) for d in a.devices()}
+  use_cpu = platforms == {"cpu"} if platforms else jax.default_backend() == "cpu"
+  return jax.extend.core.jaxpr_as_fun(cpu if use_cpu else default)(*args)
 
 
 def _platform_call_lowering(ctx, *args, cpu, default, use_cpu: bool):
