@@ -103,8 +103,8 @@ def main(argv):
   del argv
   for impl in FLAGS.impl:
     if impl not in bf.IMPLS:
-      raise app.UsageError(f"--impl: unknown implementation {impl!r}; expected a comma list "
-                           f"from {', '.join(bf.IMPLS)}")
+      sys.exit(f"bench_butterfly.py: error: --impl item {impl!r} is not one of "
+               f"{', '.join(bf.IMPLS)}")
   b = FLAGS.batch
   key = jax.random.PRNGKey(0)
   rows = []
