@@ -127,8 +127,9 @@ def read_probe_rows(path: Path) -> list[dict[str, Any]]:
             if want == "number" else isinstance(value, want))
       if not ok:
         problem = "has no" if field not in row else f"has {value!r} as"
-        raise results_io.row_error(path, n, f"a {kind} probe row {problem} {field!r} (a "
-                                   f"{want if isinstance(want, str) else want.__name__})")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise results_io.row_error(path, n, f"{article} {kind} probe row {problem} {field!r} "
+                                   f"(a {want if isinstance(want, str) else want.__name__})")
     rows.append(row)
   return rows
 

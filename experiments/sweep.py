@@ -38,7 +38,8 @@ flags.DEFINE_string("factorize_with", "butterfly", "butterfly | kmatrix | monarc
                     "structured dense layer that --factorize puts in")
 flags.DEFINE_bool("prune_factors", False, "Also prune butterfly twiddles / Monarch blocks")
 flags.DEFINE_string("pruner", "none", "Comma list of none | rand | mag | snip | grasp | synflow")
-flags.DEFINE_string("compression", "1", "Comma list of compressions c; density = 10**-c")
+flags.DEFINE_string("compression", "1", "Comma list of compressions c in [0, 9] for the runs "
+                    "with a pruner; density = 10**-c")
 flags.DEFINE_integer("pre_epochs", None, "Training epochs before pruning, >= 0, for the runs "
                      "with a pruner (default: 10 for mag, 0 for the others)")
 flags.DEFINE_integer("post_epochs", 50, "Training epochs after pruning")
