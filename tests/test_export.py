@@ -135,7 +135,8 @@ def test_train_step_exports(model, dataset, factorize):
   state = jax.eval_shape(lambda v: train.init_state(v, masks, tx), variables)
   # FC: 2 steps per call (a lax.scan, as in training); VGG16: one step on a batch of 2.
   steps, batch = (2, 8) if model == "fc" else (1, 2)
-  args = (state, masks, jax.ShapeDtypeStruct((16,) + in_shape, jnp.float32),
+  # The masks travel inside the optimizer state (bfprune.masked_optimizer).
+  args = (state, jax.ShapeDtypeStruct((16,) + in_shape, jnp.float32),
           jax.ShapeDtypeStruct((16,), jnp.int32), jax.ShapeDtypeStruct((steps, batch), jnp.int32),
           jax.eval_shape(lambda: jax.random.key(0)))
   for platform in PLATFORMS:
