@@ -6,7 +6,7 @@ The public API, re-exported from its modules:
   ``density``, ``kept_per_layer``, ``tree_map_masked``, predicates ``is_kernel`` /
   ``is_kernel_or_twiddle``. Masks mirror the params: a bool array (True = kept) on each
   prunable leaf, ``None`` on the others (which JAX's tree functions skip: map with
-  ``tree_map_masked``);
+  ``tree_map_masked``, or keep them with ``is_leaf=is_none``);
 * training (``bfprune.optim``): ``masked_optimizer`` (any optax optimizer, pruned weights kept
   exactly zero), ``set_masks``, ``get_masks``, ``MaskedState``;
 * scores (``bfprune.pruning.scores``): ``random_scores``, ``magnitude_scores``, ``snip_scores``,
@@ -26,7 +26,7 @@ from bfprune.models import FC, VGG16
 from bfprune.optim import MaskedState, get_masks, masked_optimizer, set_masks
 from bfprune.pruning.masks import (
     apply_masks, count_kept, count_prunable, density, density_from_compression, is_kernel,
-    is_kernel_or_twiddle, kept_per_layer, masks_from_scores, ones_like, tree_map_masked)
+    is_kernel_or_twiddle, is_none, kept_per_layer, masks_from_scores, ones_like, tree_map_masked)
 from bfprune.pruning.schedule import density_schedule, make_score_fn, prune
 from bfprune.pruning.scores import (
     grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_scores)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bfprune.pruning.masks import _none_leaf, apply_masks, path_names
+from bfprune.pruning.masks import apply_masks, is_none, path_names
 
 PyTree = Any
 
@@ -59,15 +59,43 @@ def _checked_masks(masks: PyTree, what: str) -> PyTree:
   return jax.tree_util.tree_map_with_path(check, masks)
 
 
+def _leaf_names(tree: PyTree) -> list[str]:
+  """Each leaf's key path as 'a/b/kernel' ('<root>' for a bare leaf), ``None`` leaves kept."""
+  return ["/".join(path_names(path)) or "<root>"
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)[0]]
+
+
+def _first_difference(a: PyTree, b: PyTree, a_name: str, b_name: str) -> str:
+  """Where two pytrees' structures first differ, as one phrase naming a key path."""
+  names_a, names_b = _leaf_names(a), _leaf_names(b)
+  set_a, set_b = set(names_a), set(names_b)
+  for i in range(max(len(names_a), len(names_b))):
+    x = names_a[i] if i < len(names_a) else None
+    y = names_b[i] if i < len(names_b) else None
+    if x == y:
+      continue
+    if x is not None and x not in set_b:
+      return f"{a_name} have {x}, {b_name} do not"
+    if y is not None and y not in set_a:
+      return f"{b_name} have {y}, {a_name} do not"
+    return f"{a_name} and {b_name} order their leaves differently (at {x} / {y})"
+  return (f"the same key paths in different containers ({type(a).__name__} / "
+          f"{type(b).__name__} at the top)")
+
+
+def _what_mask(m: Any) -> str:
+  return "None (not prunable)" if m is None else f"of shape {tuple(np.shape(m))}"
+
+
 def _check_mirrors(masks: PyTree, params: PyTree, what: str) -> None:
   """ValueError unless ``masks`` (None leaves included) has the structure and shapes of
   ``params``; and, for concrete params, unless every pruned weight is already zero."""
-  m_leaves, m_def = jax.tree.flatten(masks, is_leaf=_none_leaf)
+  m_leaves, m_def = jax.tree.flatten(masks, is_leaf=is_none)
   p_paths, p_def = jax.tree_util.tree_flatten_with_path(params)
   if m_def != p_def:
-    raise ValueError(f"{what}: the masks do not mirror the params pytree (build them with "
-                     f"bfprune.ones_like(params) or the pruners):\n  masks  {m_def}\n  "
-                     f"params {p_def}")
+    raise ValueError(f"{what}: the masks do not mirror the params pytree: "
+                     f"{_first_difference(masks, params, 'the masks', 'the params')} (build "
+                     "them with bfprune.ones_like(params) or the pruners)")
   nonzero = []
   for m, (path, p) in zip(m_leaves, p_paths):
     if m is None:
@@ -153,7 +181,7 @@ def masked_optimizer(tx: optax.GradientTransformation, masks: PyTree
 
 def _mirrors_masks(masks: PyTree):
   """Predicate: does a subtree have the params' structure and the masks' shapes?"""
-  m_leaves, m_def = jax.tree.flatten(masks, is_leaf=_none_leaf)
+  m_leaves, m_def = jax.tree.flatten(masks, is_leaf=is_none)
 
   def mirrors(sub: Any) -> bool:
     if isinstance(sub, MaskedState):
@@ -174,19 +202,23 @@ def set_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
   structure (same prunable leaves, same shapes) of the masks the state was built with.
   """
   masks = _checked_masks(masks, "set_masks")
-  _, new_def = jax.tree.flatten(masks, is_leaf=_none_leaf)
+  _, new_def = jax.tree.flatten(masks, is_leaf=is_none)
   mirrors = _mirrors_masks(masks)
   found = []
 
   def replace(node):
     if not isinstance(node, MaskedState):
       return node
-    old_leaves, old_def = jax.tree.flatten(node.masks, is_leaf=_none_leaf)
-    if old_def != new_def or any((a is None) != (b is None) or np.shape(a) != np.shape(b)
-                                 for a, b in zip(old_leaves, jax.tree.leaves(
-                                     masks, is_leaf=_none_leaf))):
-      raise ValueError(f"set_masks: the new masks do not have the structure of the state's "
-                       f"masks:\n  new   {new_def}\n  state {old_def}")
+    old_leaves, old_def = jax.tree.flatten(node.masks, is_leaf=is_none)
+    bad = "set_masks: the new masks do not have the structure of the state's masks"
+    if old_def != new_def:
+      where = _first_difference(masks, node.masks, "the new masks", "the state's masks")
+      raise ValueError(f"{bad}: {where}")
+    for name, a, b in zip(_leaf_names(masks), jax.tree.leaves(masks, is_leaf=is_none),
+                          old_leaves):
+      if (a is None) != (b is None) or np.shape(a) != np.shape(b):
+        raise ValueError(f"{bad}: {name} is {_what_mask(a)} in the new masks, {_what_mask(b)} "
+                         "in the state")
     found.append(True)
     inner = jax.tree.map(replace, node.inner_state, is_leaf=lambda n: isinstance(n, MaskedState))
     inner = jax.tree.map(lambda s: apply_masks(s, masks) if mirrors(s) else s, inner,

@@ -30,7 +30,8 @@ masks; gradients and updates of pruned weights are zeroed, so with params masked
 forward pass needs no masking.
 
 Models: ``Trainer`` calls ``model.apply(variables, x)``, adding ``train=True`` / ``False`` when
-the model's ``__call__`` takes a ``train`` argument (see ``Trainer.train_kwarg``), a ``dropout``
+the model's ``__call__`` takes a ``train`` argument, ``deterministic=False`` / ``True`` when it
+takes Flax's ``deterministic`` (see ``Trainer.train_kwarg`` for other switches), a ``dropout``
 rng while training (unused by models without dropout) and ``mutable=["batch_stats"]`` when the
 variables hold BatchNorm statistics.
 """
@@ -120,41 +121,84 @@ def _variables(params: PyTree, batch_stats: PyTree) -> dict:
 
 
 AUTO = "auto"
+# Switches that are True in evaluation (Flax's usual ``deterministic`` for dropout): a model
+# taking one gets ``deterministic=False`` while training and ``True`` in evaluation.
+INVERTED_SWITCHES = ("deterministic",)
+_SPEC_HELP = ("set Trainer(train_kwarg=...) to the name of the model's train / eval switch "
+              "(True while training; 'deterministic' is known to be False while training), to "
+              "(name, value while training) for any other switch, e.g. ('eval_mode', False), "
+              "or to None to call the model without one")
 
 
-def resolve_train_kwarg(model: nn.Module, train_kwarg: Optional[str] = AUTO) -> Optional[str]:
-  """The keyword ``Trainer`` sets to True (training) / False (evaluation), or None.
+class TrainSwitch(NamedTuple):
+  """The keyword ``Trainer`` passes to the model: ``name=when_training`` while training and
+  ``name=not when_training`` in evaluation."""
+  name: str
+  when_training: bool
 
-  ``"auto"``: ``"train"`` if ``model.__call__`` takes it (or ``**kwargs``), else None (the model
-  has no train / eval switch and is called plainly). A name: that keyword, which ``__call__``
-  must take. None: never pass one. Raises ValueError, naming the model and argument, when
+  def kwargs(self, training: bool) -> dict[str, bool]:
+    return {self.name: training == self.when_training}
+
+
+def _switch(spec: Any) -> TrainSwitch:
+  """A given train_kwarg (a name, or (name, value while training)) as a TrainSwitch."""
+  if isinstance(spec, str) and spec:
+    return TrainSwitch(spec, spec not in INVERTED_SWITCHES)
+  if (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str)
+      and spec[0] and isinstance(spec[1], bool)):
+    return TrainSwitch(spec[0], spec[1])
+  raise ValueError(f"Trainer(train_kwarg={spec!r}) is not valid: expected 'auto', None, a "
+                   "keyword name, or (name, value while training) such as "
+                   "('deterministic', False)")
+
+
+def resolve_train_kwarg(model: nn.Module, train_kwarg: Any = AUTO) -> Optional[TrainSwitch]:
+  """The train / eval keyword ``Trainer`` passes to ``model`` and its value while training.
+
+  ``train_kwarg``:
+    ``"auto"``: ``train`` (True while training) if ``model.__call__`` takes it, else Flax's
+      ``deterministic`` (False while training, True in evaluation) if it takes that, else
+      ``train`` if it takes ``**kwargs``, else None: the model has no switch and is called
+      plainly.
+    a name: that keyword, which ``__call__`` must take; True while training, except the
+      names in ``INVERTED_SWITCHES`` (``deterministic``), which are False while training.
+    ``(name, value_while_training)``: any switch, e.g. ``("eval_mode", False)``.
+    None: never pass one.
+
+  Returns a ``TrainSwitch`` or None. Raises ValueError, naming the model and argument, when
   ``__call__`` lacks the named keyword or requires an argument besides the input.
   """
+  if train_kwarg is None:
+    chosen = None
+  elif isinstance(train_kwarg, str) and train_kwarg == AUTO:
+    chosen = AUTO
+  else:
+    chosen = _switch(train_kwarg)
   try:
     sig = inspect.signature(model.__call__)
   except (TypeError, ValueError):  # not introspectable: trust the caller's choice
-    return "train" if train_kwarg == AUTO else train_kwarg
+    return TrainSwitch("train", True) if chosen == AUTO else chosen
   params = list(sig.parameters.values())
   var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
   name = type(model).__name__
-  if train_kwarg == AUTO:
-    chosen = "train" if ("train" in sig.parameters or var_kw) else None
-  elif train_kwarg is None or train_kwarg in sig.parameters or var_kw:
-    chosen = train_kwarg
-  else:
+  if chosen == AUTO:
+    chosen = next((_switch(n) for n in ("train",) + INVERTED_SWITCHES if n in sig.parameters),
+                  TrainSwitch("train", True) if var_kw else None)
+  elif chosen is not None and chosen.name not in sig.parameters and not var_kw:
     raise ValueError(f"Trainer(train_kwarg={train_kwarg!r}): {name}.__call__{sig} has no "
-                     f"argument {train_kwarg!r}; pass the name of its train / eval switch, or "
-                     "None to call the model without one")
+                     f"argument {chosen.name!r}; {_SPEC_HELP}")
   positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  required = [p.name for p in params[1:] if p.default is p.empty and p.name != chosen
+  required = [p.name for p in params[1:] if p.default is p.empty
+              and p.name != (chosen.name if chosen else None)
               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
   if not positional or required:
-    call = "model.apply(variables, x" + (f", {chosen}=True|False)" if chosen else ")")
+    call = "model.apply(variables, x" + (
+        f", {chosen.name}={chosen.when_training} while training, "
+        f"{not chosen.when_training} in evaluation)" if chosen else ")")
     raise ValueError(f"Trainer calls {call}, but {name}.__call__{sig} "
                      + (f"also requires {', '.join(required)}" if positional else
                         "takes no positional input")
-                     + "; give it a default, or set Trainer(train_kwarg=...) to the name of the "
-                     "model's train / eval switch")
+                     + f"; give it a default, or {_SPEC_HELP}")
   return chosen
 
 
@@ -168,15 +212,18 @@ class Trainer:
       from ``init_state`` carries the masks), so pruned weights stay exactly zero.
     mesh: device mesh (see ``make_mesh``).
     augment: optional ``augment(key, x) -> x`` run on device on every training batch.
-    train_kwarg: the model's train / eval keyword, set True while training and False in
-      evaluation: ``"auto"`` (default) uses ``train`` when ``__call__`` takes it and calls the
-      model plainly otherwise; None never passes one (see ``resolve_train_kwarg``).
+    train_kwarg: the model's train / eval keyword: ``"auto"`` (default) passes ``train=True``
+      while training and ``False`` in evaluation when ``__call__`` takes ``train``, else
+      ``deterministic=False`` / ``True`` when it takes Flax's ``deterministic``, and calls the
+      model plainly otherwise; a name picks the keyword (True while training, except
+      ``deterministic``); ``(name, value_while_training)`` gives any switch; None never
+      passes one (see ``resolve_train_kwarg``).
   """
   model: nn.Module
   tx: optax.GradientTransformation
   mesh: Mesh
   augment: Optional[Augment] = None
-  train_kwarg: Optional[str] = AUTO
+  train_kwarg: Any = AUTO
 
   def __post_init__(self):
     rep = NamedSharding(self.mesh, P())
@@ -220,7 +267,7 @@ class Trainer:
     return EvalData(*(_place(a, self._cols) for a in eval_data))
 
   def _mode_kw(self, train: bool) -> dict:
-    return {} if self._mode is None else {self._mode: train}
+    return {} if self._mode is None else self._mode.kwargs(train)
 
   # -- training ---------------------------------------------------------------------------
   def _loss(self, params, batch_stats, x, y, key):

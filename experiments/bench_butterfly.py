@@ -2,7 +2,9 @@
 
 For each n: forward and forward+backward (gradient w.r.t. x AND the weights) wall time,
 median of --repeats calls after warm-up (``block_until_ready``), of
-  * the butterfly ``butterfly_multiply`` (nstacks=1, nblocks=1, increasing stride),
+  * the butterfly ``butterfly_multiply`` (nstacks=1, nblocks=1, increasing stride), once per
+    implementation in --impl ("cpu": the CPU-tuned passes, "generic": the portable passes
+    used on GPU / TPU, "auto": what this platform picks),
   * dense ``x @ W`` with W (n, n),
   * optionally (--reference) the one-einsum-per-factor reference with plain autodiff,
 their ratios, and the butterfly's effective memory bandwidth next to a plain copy bandwidth
@@ -22,10 +24,16 @@ activation (batch x n float32, per n) and on a --copy_mib MiB array (beyond the 
 Timing: --rounds rounds over all cases; per round and case one untimed call, then a run of
 timed calls (steady state, caches as in a training loop that repeats the same step).
 
-Usage: python experiments/bench_butterfly.py --batch=256 --sizes=256,1024,4096,8192
+The byte counts follow the CPU path's passes; for the other implementations they are the
+same traffic model (what the passes must move), not what they actually move.
+
+Usage: python experiments/bench_butterfly.py --batch=256 --sizes=256,1024,4096,8192 \
+         --impl=cpu,generic
 """
 from __future__ import annotations
 
+from pathlib import Path
+import sys
 import time
 
 from absl import app, flags
@@ -33,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bfprune.structured import butterfly as bf
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bfprune.structured import butterfly as bf  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 256, "Rows of x.")
@@ -43,6 +52,8 @@ flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
 flags.DEFINE_integer("rounds", 3, "Rounds over all cases (repeats are split among them).")
 flags.DEFINE_bool("reference", False, "Also time the einsum-per-factor reference.")
 flags.DEFINE_integer("copy_mib", 64, "Size of the array for the copy-bandwidth baseline.")
+flags.DEFINE_list("impl", ["cpu", "generic"],
+                  f"butterfly_multiply implementations to time, from {', '.join(bf.IMPLS)}.")
 
 
 def _median_ms(cases: dict) -> dict:
@@ -90,6 +101,10 @@ def _copy_gbs(nbytes: int) -> float:
 
 def main(argv):
   del argv
+  for impl in FLAGS.impl:
+    if impl not in bf.IMPLS:
+      sys.exit(f"bench_butterfly.py: error: --impl item {impl!r} is not one of "
+               f"{', '.join(bf.IMPLS)}")
   b = FLAGS.batch
   key = jax.random.PRNGKey(0)
   rows = []
@@ -103,13 +118,14 @@ def main(argv):
     w = jax.random.normal(k4, (n, n), jnp.float32) / np.sqrt(n)
 
     dense = lambda w_, x_: x_ @ w_
-    bfly = lambda t_, x_: bf.butterfly_multiply(t_, x_, True)
     cases = {
-        "bf": (jax.jit(bfly), (tw, x)),
-        "bf_fb": (_fwd_bwd(bfly), (tw, x, ct)),
         "dense": (jax.jit(dense), (w, x)),
         "dense_fb": (_fwd_bwd(dense), (w, x, ct)),
     }
+    for impl in FLAGS.impl:
+      bfly = lambda t_, x_, impl=impl: bf.butterfly_multiply(t_, x_, True, impl)
+      cases[f"bf/{impl}"] = (jax.jit(bfly), (tw, x))
+      cases[f"bf_fb/{impl}"] = (_fwd_bwd(bfly), (tw, x, ct))
     if FLAGS.reference:
       ref = lambda t_, x_: bf.butterfly_multiply_reference(t_, x_, True)
       cases["ref"] = (jax.jit(ref), (tw, x))
@@ -118,8 +134,10 @@ def main(argv):
     npass = len(bf.radix_plan(log_n))
     unit = b * n * 4
     t["copy"] = _copy_gbs(unit)
-    t["gbs"] = 2 * (npass + 2) * unit / (t["bf"] * 1e-3) / 1e9
-    t["gbs_fb"] = (2 * (npass + 2) + 4 * npass + 4) * unit / (t["bf_fb"] * 1e-3) / 1e9
+    for impl in FLAGS.impl:
+      t[f"gbs/{impl}"] = 2 * (npass + 2) * unit / (t[f"bf/{impl}"] * 1e-3) / 1e9
+      t[f"gbs_fb/{impl}"] = ((2 * (npass + 2) + 4 * npass + 4) * unit
+                             / (t[f"bf_fb/{impl}"] * 1e-3) / 1e9)
     t["n"], t["plan"] = n, "+".join(str(m) for m in bf.radix_plan(log_n))
     rows.append(t)
     print(f"n={n} done", flush=True)
@@ -128,20 +146,22 @@ def main(argv):
   print(f"\nbatch {b}, float32, {jax.devices()[0].device_kind}, median of {FLAGS.repeats} "
         f"(ms). Copy bandwidth ({FLAGS.copy_mib} MiB, read + write): "
         f"{copy_before:.1f} GB/s before, {copy_after:.1f} GB/s after.")
-  head = (f"{'n':>6} {'radix':>9} | {'dense':>8} {'bfly':>7} {'x':>6} | {'dense f+b':>9} "
+  head = (f"{'n':>6} {'radix':>9} {'impl':>7} | {'dense':>8} {'bfly':>7} {'x':>6} | {'dense f+b':>9} "
           f"{'bfly f+b':>8} {'x':>6} | {'fwd GB/s':>8} {'f+b GB/s':>8} {'copy GB/s':>9}")
   if FLAGS.reference:
     head += f" | {'ref':>8} {'ref f+b':>8}"
   print(head)
   print("-" * len(head))
   for t in rows:
-    line = (f"{t['n']:>6} {t['plan']:>9} | {t['dense']:>8.2f} {t['bf']:>7.2f} "
-            f"{t['dense'] / t['bf']:>6.1f} | {t['dense_fb']:>9.2f} {t['bf_fb']:>8.2f} "
-            f"{t['dense_fb'] / t['bf_fb']:>6.1f} | {t['gbs']:>8.1f} {t['gbs_fb']:>8.1f} "
-            f"{t['copy']:>9.1f}")
-    if FLAGS.reference:
-      line += f" | {t['ref']:>8.2f} {t['ref_fb']:>8.2f}"
-    print(line)
+    for impl in FLAGS.impl:
+      fw, fb = t[f"bf/{impl}"], t[f"bf_fb/{impl}"]
+      line = (f"{t['n']:>6} {t['plan']:>9} {impl:>7} | {t['dense']:>8.2f} {fw:>7.2f} "
+              f"{t['dense'] / fw:>6.1f} | {t['dense_fb']:>9.2f} {fb:>8.2f} "
+              f"{t['dense_fb'] / fb:>6.1f} | {t[f'gbs/{impl}']:>8.1f} "
+              f"{t[f'gbs_fb/{impl}']:>8.1f} {t['copy']:>9.1f}")
+      if FLAGS.reference:
+        line += f" | {t['ref']:>8.2f} {t['ref_fb']:>8.2f}"
+      print(line)
   print("x = dense time / butterfly time. radix: factors per pass (log2 of the radix). "
         "copy GB/s: copy of one batch x n float32 activation, same run.")
 

@@ -4,7 +4,7 @@ r"""Critical compression of each pruner, with a dense head and a butterfly head.
       [--heads=none,head] [--resolution=0.05] [--c_max=6] [--train_epochs=1]
       [--train_examples=0] [--mag_pre_epochs=1] [--monotone_checks=2] [--seed=0]
       [--factorize_with=butterfly] [--prune_factors] [--searches=collapse,accuracy]
-      [--data_dir=...] [--out_dir=experiments/results/collapse/mnist] [--dry_run]
+      [--data_dir=...] [--out_dir=runs/collapse/mnist] [--dry_run]
       [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed=auto]
 
 For every pruner x head (``--heads``: ``none`` = dense classifier, ``head`` = butterfly (or
@@ -93,7 +93,8 @@ def define_flags() -> None:
   flags.DEFINE_string("data_dir", None, "Folder of the standard data files (default: "
                       "$BFPRUNE_DATA_DIR, else tensorflow-datasets)")
   flags.DEFINE_string("out_dir", None,
-                      "Output folder (default experiments/results/collapse/<dataset>)")
+                      "Output folder (default runs/collapse/<dataset>; the committed results "
+                      "are in experiments/results/collapse/<dataset>)")
   flags.DEFINE_bool("dry_run", False, "Print each search (pruner x head x search) and how far "
                     "the probes already in <out_dir>/results.jsonl take it, then exit: no "
                     "training, no data loaded, nothing written")
@@ -108,6 +109,36 @@ def define_flags() -> None:
 HEADS = ("none", "head")
 SEARCHES = ("collapse", "accuracy")
 RESULTS = "results.jsonl"
+# What the searches read from a stored probe row, by kind (a number: int or float, not bool).
+ROW_FIELDS = {
+    "collapse": ("probe_key", "pruner", "factorize", "compression", "collapsed"),
+    "accuracy": ("probe_key", "pruner", "factorize", "compression", "collapsed", "top1",
+                 "below_threshold"),
+}
+_FIELD_TYPES = {"probe_key": str, "pruner": str, "factorize": str, "compression": "number",
+                "top1": "number", "collapsed": bool, "below_threshold": bool}
+
+
+def read_probe_rows(path: Path) -> list[dict[str, Any]]:
+  """The probe rows of a results.jsonl ([] when absent). A row that is not a probe of this
+  script, or lacks a field the searches read, raises ResultsError naming file and line."""
+  rows = []
+  for n, row in results_io.read_numbered_rows(path):
+    kind = row.get("kind")
+    if kind not in ROW_FIELDS:
+      raise results_io.row_error(path, n, f"'kind' is {kind!r}, not a probe of collapse.py "
+                                 f"({' or '.join(ROW_FIELDS)})")
+    for field in ROW_FIELDS[kind]:
+      want, value = _FIELD_TYPES[field], row.get(field)
+      ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+            if want == "number" else isinstance(value, want))
+      if not ok:
+        problem = "has no" if field not in row else f"has {value!r} as"
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise results_io.row_error(path, n, f"{article} {kind} probe row {problem} {field!r} "
+                                   f"(a {want if isinstance(want, str) else want.__name__})")
+    rows.append(row)
+  return rows
 
 
 def head_name(head: str) -> str:
@@ -253,7 +284,7 @@ def validate_flags() -> dict[str, Any]:
       raise err(f"--{name}={FLAGS[name].value} has no effect: {why}")
   if FLAGS.out_dir == "":
     raise err("--out_dir is empty")
-  out_dir = Path(FLAGS.out_dir or f"experiments/results/collapse/{FLAGS.dataset}")
+  out_dir = Path(FLAGS.out_dir or f"runs/collapse/{FLAGS.dataset}")
   if out_dir.exists() and not out_dir.is_dir():
     raise err(f"--out_dir={str(out_dir)!r} exists and is not a folder")
   settings = dict(dataset=FLAGS.dataset, model=model, pruners=pruners, heads=heads,
@@ -297,7 +328,7 @@ class Prober:
     self.settings, self.dataset, self.results, self.log = settings, dataset, results, log
     self.in_shape = models.input_shape(settings["dataset"])
     self.threshold = 2 * 100.0 / dataset.num_classes  # top-1 percent at 2x chance
-    self.rows = {(r.get("kind"), r.get("probe_key")): r for r in results_io.read_rows(results)}
+    self.rows = {(r.get("kind"), r.get("probe_key")): r for r in read_probe_rows(results)}
     self.computed = 0
     self._replayed: set[tuple[str, str]] = set()  # file rows used by this run
     self._heads: dict[str, Any] = {}
@@ -721,7 +752,7 @@ def main(argv):
   try:
     settings = validate_flags()
     dist = distributed.validate_flags()
-    rows = results_io.read_rows(settings["out_dir"] / RESULTS)
+    rows = read_probe_rows(settings["out_dir"] / RESULTS)
   except (cfg_lib.ConfigError, results_io.ResultsError) as e:
     sys.exit(f"collapse.py: error: {e}")
   if FLAGS.dry_run:
@@ -745,6 +776,10 @@ def main(argv):
   try:
     dataset = pipeline.load_training_data(settings["dataset"], FLAGS.data_dir,
                                           FLAGS.train_examples, FLAGS.batch_size)
+    for pruner in {"snip", "grasp"} & set(settings["pruners"]):
+      per_class = probe_config(settings, pruner, "none", 0.0, "collapse").prune_per_class
+      pipeline.check_prune_examples(dataset, per_class, f"--train_examples={FLAGS.train_examples}",
+                                    "raise it, or leave snip and grasp out of --pruners")
   except data_lib.DataError as e:
     sys.exit(f"collapse.py: data error: {e}")
   except pipeline.DataSizeError as e:

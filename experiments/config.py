@@ -172,7 +172,12 @@ def default_pre_epochs(pruner: str, pre_epochs: Optional[int]) -> int:
 
 def default_rounds(pruner: str, rounds: Optional[int]) -> int:
   """None (flag not given) means the study's default: SynFlow 100 rounds, the others 1.
-  A given value is returned as is (RunConfig.validate refuses one below 1)."""
+  A given value is returned as is (RunConfig.validate refuses one below 1).
+
+  The same rule as the library's ``bfprune.pruning.schedule.default_rounds``, which is not
+  called here: importing it imports jax (~3 s), and flags are validated before that so that a
+  bad one fails at once; tests/test_sweep.py checks that the two agree for every pruner.
+  """
   if rounds is None:
     return 100 if pruner == "synflow" else 1
   return rounds

@@ -123,6 +123,19 @@ def load_training_data(dataset: str, data_dir: Optional[str], train_examples: in
   return ds
 
 
+def check_prune_examples(dataset: data_lib.Dataset, per_class: int, flag: str, hint: str) -> None:
+  """DataSizeError unless every class has ``per_class`` training examples, the number SNIP and
+  GraSP score with (``data_lib.class_balanced_sample``). The one-line message starts with
+  ``flag`` (the setting to blame, as given, e.g. ``--prune_per_class=100``) and ends with
+  ``hint`` (what to change)."""
+  counts = np.bincount(np.asarray(dataset.train_y), minlength=dataset.num_classes)
+  c = int(np.argmin(counts))
+  if counts[c] < per_class:
+    raise DataSizeError(f"{flag}: snip and grasp prune with {per_class} examples of every "
+                        f"class, but class {c} has {counts[c]} of the {len(dataset.train_y)} "
+                        f"training examples; {hint}")
+
+
 def build_model(cfg: RunConfig, num_classes: int = 10):
   """The model of ``cfg`` with dense, butterfly, K-matrix or Monarch layers plugged in."""
   head_layer, body_layer = STRUCTURED_DENSE[cfg.factorize_with]

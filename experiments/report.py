@@ -269,18 +269,22 @@ def _sortable(v: Any) -> tuple:
   return (1, 0.0, str(v))
 
 
-def runs_from_rows(rows: Sequence[dict[str, Any]]) -> list[Run]:
+def runs_from_rows(rows: Sequence[dict[str, Any]],
+                   where: Optional[Sequence[str]] = None) -> list[Run]:
   """Normalises result rows into ``Run``s with column labels; duplicate run_keys keep the last.
 
-  Raises ReportError when a row lacks ``dataset`` or ``pruner`` (nothing can place it).
+  Raises ReportError when a row lacks ``dataset`` or ``pruner`` (nothing can place it); the
+  message starts with ``where[i]`` (e.g. ``'<path>:<line>'``, as ResultsError's) when given.
   """
   by_key: dict[Any, dict] = {}
   for i, row in enumerate(rows):
+    at = f"{where[i]}: results row" if where is not None else f"results row {i + 1}"
     if not isinstance(row, dict):
-      raise ReportError(f"results row {i + 1} is not a JSON object")
+      raise ReportError(f"{at} is not a JSON object")
     for need in ("dataset", "pruner"):
       if need not in row:
-        raise ReportError(f"results row {i + 1} (run_key {row.get('run_key')}) has no {need!r}")
+        raise ReportError(f"{at} (run_key {row.get('run_key')}) has no {need!r}; fix or "
+                          "remove that line")
     by_key[row.get("run_key", ("row", i))] = row
   rows = list(by_key.values())
 
@@ -1281,8 +1285,9 @@ def main(argv):
   try:
     path, out_dir, t1, f3 = validate_flags(FLAGS.results, FLAGS.out, FLAGS.table1_compression,
                                            FLAGS.fig3_compression)
-    # results_io.read_rows names the file and line of a corrupt row in one line.
-    runs = runs_from_rows(results_io.read_rows(path))
+    # A corrupt line, or a row that cannot be placed: one line naming the file and line.
+    numbered = results_io.read_numbered_rows(path)
+    runs = runs_from_rows([row for _, row in numbered], [f"{path}:{n}" for n, _ in numbered])
   except ValueError as e:  # ReportError, and read_rows' malformed-line error
     sys.exit(f"report.py: error: {e}")
   written = write_report(runs, out_dir, t1, f3)

@@ -48,11 +48,24 @@ def _read_bytes(path: Path) -> Optional[bytes]:
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
   """All rows of a results.jsonl ([] when absent). A malformed line raises ResultsError."""
+  return [row for _, row in read_numbered_rows(path)]
+
+
+def read_numbered_rows(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+  """``read_rows`` with each row's 1-based line number, for messages about one row that name
+  its line the way ResultsError does (``row_error``); blank lines are skipped."""
   path = Path(path)
   data = _read_bytes(path)
   if data is None:
     return []
-  return [_parse(path, n, line) for n, line in enumerate(data.splitlines(), 1) if line.strip()]
+  return [(n, _parse(path, n, line)) for n, line in enumerate(data.splitlines(), 1)
+          if line.strip()]
+
+
+def row_error(path: str | os.PathLike, line: int, problem: str) -> ResultsError:
+  """A ResultsError about one row's content: '<path>:<line>: <problem>; fix or remove that
+  line'."""
+  return ResultsError(f"{path}:{line}: {problem}; fix or remove that line")
 
 
 def append_row(path: str | os.PathLike, row: dict[str, Any]) -> None:

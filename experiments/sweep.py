@@ -58,7 +58,8 @@ flags.DEFINE_string("factorize_with", "butterfly", "butterfly | kmatrix | monarc
                     "structured dense layer that --factorize puts in")
 flags.DEFINE_bool("prune_factors", False, "Also prune butterfly twiddles / Monarch blocks")
 flags.DEFINE_string("pruner", "none", "Comma list of none | rand | mag | snip | grasp | synflow")
-flags.DEFINE_string("compression", "1", "Comma list of compressions c; density = 10**-c")
+flags.DEFINE_string("compression", "1", "Comma list of compressions c in [0, 9] for the runs "
+                    "with a pruner; density = 10**-c")
 flags.DEFINE_integer("pre_epochs", None, "Training epochs before pruning, >= 0, for the runs "
                      "with a pruner (default: 10 for mag, 0 for the others)")
 flags.DEFINE_integer("post_epochs", 50, "Training epochs after pruning")
@@ -97,6 +98,7 @@ distributed.define_flags()
 # Flags that only some runs use: given explicitly while no run of the command uses them, they
 # would be recorded in every run's key without changing anything, so they are refused.
 _USED_BY = {
+    "compression": (lambda c: c.pruner != "none", "no run prunes (--pruner=none)"),
     "pre_epochs": (lambda c: c.pruner != "none", "no run prunes (--pruner=none)"),
     "prune_rounds": (lambda c: c.pruner != "none", "no run prunes (--pruner=none)"),
     "prune_scope": (lambda c: c.pruner != "none", "no run prunes (--pruner=none)"),
@@ -150,6 +152,9 @@ def configs_from_flags() -> list[cfg_lib.RunConfig]:
     model = cfg_lib.DEFAULT_MODEL[dataset] if FLAGS.model is None else FLAGS.model
     pruners = cfg_lib.parse_list(FLAGS.pruner, str, "pruner")
     compressions = cfg_lib.parse_list(FLAGS.compression, float, "compression")
+    for c in compressions:  # every value, also those an unpruned run would not use
+      if not 0 <= c <= 9:  # False for nan too
+        raise err(f"--compression={c} must be in [0, 9] (density = 10**-c)")
     factorizations = cfg_lib.parse_list(FLAGS.factorize, str, "factorize")
     cells = [(f, p, c) for f, p in itertools.product(factorizations, pruners)
              # Without a pruner the compression is meaningless: one dense run, not one per value.
@@ -220,8 +225,10 @@ def dry_run(configs: list[cfg_lib.RunConfig], results: Path, done: set[str],
   (a running run, claimed by a live worker, ends with its holder in brackets)."""
   try:
     _print_runs(configs, results, done, holders or {}, shard, total)
-  except BrokenPipeError:  # e.g. piped into head: the reader has seen enough
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  except BrokenPipeError:  # e.g. piped into head: the reader has seen enough; exit quietly
+    devnull = os.open(os.devnull, os.O_WRONLY)  # so the exit's flush of stdout cannot fail
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _runs_text(n: int) -> str:
@@ -314,6 +321,7 @@ def main(argv):
     if lead:
       print(f"sweep: {summary()}")
     return
+  from bfprune import checkpoint
   from bfprune import data as data_lib
   from experiments import pipeline
   try:
@@ -324,8 +332,13 @@ def main(argv):
 
   def load() -> Any:
     try:
-      return pipeline.load_training_data(configs[0].dataset, FLAGS.data_dir,
-                                         FLAGS.train_examples, configs[0].batch_size)
+      ds = pipeline.load_training_data(configs[0].dataset, FLAGS.data_dir,
+                                       FLAGS.train_examples, configs[0].batch_size)
+      if any(c.pruner in ("snip", "grasp") for c in todo):  # before any run starts
+        pipeline.check_prune_examples(ds, FLAGS.prune_per_class,
+                                      _flag_text("prune_per_class"),
+                                      "lower it, or raise --train_examples")
+      return ds
     except data_lib.DataError as e:
       sys.exit(f"sweep.py: data error: {e}")
     except pipeline.DataSizeError as e:
@@ -402,6 +415,8 @@ def main(argv):
     if lead:
       print(f"sweep: interrupted; {summary()}; the same command resumes", flush=True)
     sys.exit(130)
+  except checkpoint.CheckpointMismatchError as e:  # its message names the folder to delete
+    sys.exit(f"sweep.py: error: {e}")
   finally:
     if lead:  # folders other workers may still use are kept while anything is in them
       for folder in (ckpt_root, claims_dir):

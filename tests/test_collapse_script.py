@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, data_dir
@@ -114,6 +115,58 @@ def test_bad_flags_fail_fast_with_one_clear_line(args, message, tmp_path):
   assert line.startswith("collapse.py: error: ") and message in line, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "out").exists()
+
+
+_GOOD_ROW = {"kind": "collapse", "probe_key": "0123456789abcdef", "pruner": "rand",
+             "factorize": "none", "compression": 0.5, "collapsed": False}
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ({k: v for k, v in _GOOD_ROW.items() if k != "collapsed"},
+     "a collapse probe row has no 'collapsed' (a bool)"),
+    (dict(_GOOD_ROW, kind="accuracy", below_threshold=False, top1="high"),
+     "an accuracy probe row has 'high' as 'top1' (a number)"),
+    (dict(_GOOD_ROW, compression=True), "a collapse probe row has True as 'compression'"),
+    ({"run_key": "abc", "top1": 9.0}, "'kind' is None, not a probe of collapse.py"),
+])
+def test_a_row_missing_what_the_searches_read_is_one_line_naming_file_and_line(bad, problem,
+                                                                               tmp_path):
+  results = tmp_path / "results.jsonl"
+  results.write_text(json.dumps(_GOOD_ROW) + "\n\n" + json.dumps(bad) + "\n")
+  before = results.read_bytes()
+  proc = subprocess.run(SCRIPT + TINY + [f"--out_dir={tmp_path}", "--dry_run"], env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith(f"collapse.py: error: {results}:3: "), line
+  assert problem in line, line
+  assert line.endswith("; fix or remove that line") and proc.stdout == ""
+  assert results.read_bytes() == before
+
+
+def test_default_out_dir_is_a_user_folder_not_the_committed_results(tmp_path):
+  proc = subprocess.run(SCRIPT + TINY + ["--dry_run"], env=_env(), cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert " finished in runs/collapse/mnist/results.jsonl, " in proc.stdout.splitlines()[0]
+  assert not (tmp_path / "runs").exists()
+
+
+def test_too_few_examples_of_a_class_for_snip_is_one_line_before_any_probe(tmp_path, mnist):
+  out = tmp_path / "out"
+  proc = subprocess.run(SCRIPT + ["--pruners=rand,snip", "--heads=none", "--searches=collapse",
+                                  "--train_examples=60", "--batch_size=20",
+                                  f"--out_dir={out}"],
+                        env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  counts = np.bincount(mnist.train_y[:60], minlength=10)  # SNIP draws 10 of every class
+  c = int(np.argmin(counts))
+  assert counts[c] < 10
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"collapse.py: error: --train_examples=60: snip and grasp prune with 10 examples of "
+      f"every class, but class {c} has {counts[c]} of the 60 training examples; raise it, or "
+      "leave snip and grasp out of --pruners")
+  assert not out.exists()
 
 
 def _prune_and_detect(dataset, pruner, head, c):

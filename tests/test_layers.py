@@ -1,5 +1,6 @@
 """Structured layers against independent references: the DFT matrix, lax convolution on a
-wrap-padded input, explicit products of materialised butterflies, analytic inits."""
+wrap-padded input, butterfly factor products built in numpy from the paper's definitions
+(``butterfly_reference``), analytic inits; for every butterfly implementation."""
 from __future__ import annotations
 
 import jax
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 
 from bfprune.structured import inits
-from bfprune.structured.butterfly import butterfly_to_dense
 from bfprune.structured.layers import (ButterflyDense, FactorizedDense, KMatrixDense, KOPS2D,
                                        butterfly_dense, factorized_dense, kops2d)
+from butterfly_reference import IMPLS, butterfly_matrix, padded_layer
 
 
 def _init(module, x, seed=0):
@@ -19,9 +20,6 @@ def _init(module, x, seed=0):
 
 def _apply(module, params, x):
   return jax.jit(module.apply)({"params": params}, x)
-
-
-_to_dense = jax.jit(butterfly_to_dense, static_argnums=1)
 
 
 def _randomize_bias(params, seed=7):
@@ -34,9 +32,10 @@ def _randomize_bias(params, seed=7):
 # ----------------------------------------------------------------------------- DFT
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n", [16])
-def test_fft_init_butterfly_dense_is_dft_matrix(n):
-  layer = ButterflyDense(n, twiddle_init="fft", use_bias=False, return_complex=True)
+def test_fft_init_butterfly_dense_is_dft_matrix(n, impl):
+  layer = ButterflyDense(n, twiddle_init="fft", use_bias=False, return_complex=True, impl=impl)
   eye = jnp.eye(n, dtype=jnp.float32)
   params = _init(layer, eye)
   # Row j of layer(I) is the layer applied to e_j, i.e. column j of the matrix.
@@ -44,13 +43,14 @@ def test_fft_init_butterfly_dense_is_dft_matrix(n):
   np.testing.assert_allclose(mat, np.fft.fft(np.eye(n), axis=0), atol=1e-5 * n)
 
 
-def test_fft_init_rectangular_is_padded_dft_and_real_part_by_default():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fft_init_rectangular_is_padded_dft_and_real_part_by_default(impl):
   x = jax.random.normal(jax.random.key(1), (3, 5))   # padded to 8, first 6 frequencies
-  cplx = ButterflyDense(6, twiddle_init="fft", return_complex=True)
+  cplx = ButterflyDense(6, twiddle_init="fft", return_complex=True, impl=impl)
   params = _randomize_bias(_init(cplx, x))
   want = np.fft.fft(np.asarray(x), n=8, axis=-1)[:, :6] + np.asarray(params["bias"])
   np.testing.assert_allclose(_apply(cplx, params, x), want, atol=1e-5)
-  real = ButterflyDense(6, twiddle_init="fft")
+  real = ButterflyDense(6, twiddle_init="fft", impl=impl)
   y = _apply(real, params, x)
   assert y.dtype == jnp.float32
   np.testing.assert_allclose(y, want.real, atol=1e-5)
@@ -75,11 +75,12 @@ def _circular_conv(x, kernel, bias):
   return y + bias
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("h,w,cin,cout,materialize", [
     (4, 4, 1, 3, False), (8, 16, 2, 5, True), (32, 32, 4, 6, None)])
-def test_kops2d_fft_init_is_circular_conv(h, w, cin, cout, materialize):
+def test_kops2d_fft_init_is_circular_conv(h, w, cin, cout, materialize, impl):
   x = jax.random.normal(jax.random.key(h + cin), (2, h, w, cin))
-  layer = KOPS2D(cout, materialize=materialize)
+  layer = KOPS2D(cout, materialize=materialize, impl=impl)
   params = _randomize_bias(_init(layer, x))
   want = _circular_conv(x, params["kernel"], params["bias"])
   got = _apply(layer, params, x)
@@ -87,10 +88,11 @@ def test_kops2d_fft_init_is_circular_conv(h, w, cin, cout, materialize):
   np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
 
 
-def test_kops2d_other_kernel_size_and_wrap_larger_than_image():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kops2d_other_kernel_size_and_wrap_larger_than_image(impl):
   # 5x3 kernel on a 4x2 image: the padded kernel wraps onto itself (taps add up).
   x = jax.random.normal(jax.random.key(3), (2, 4, 2, 3))
-  layer = KOPS2D(2, kernel_size=(5, 3))
+  layer = KOPS2D(2, kernel_size=(5, 3), impl=impl)
   params = _randomize_bias(_init(layer, x))
   want = _circular_conv(jnp.tile(x, (1, 3, 3, 1)), params["kernel"], params["bias"])
   # Tiling three times makes the wrap of the reference valid for a kernel larger than the image.
@@ -115,92 +117,124 @@ def test_kops2d_params_and_errors():
     _init(KOPS2D(5), jnp.ones((8, 8, 3)))
   with pytest.raises(ValueError, match="power of 2"):
     KOPS2D(5).flops_per_example((6, 6, 3))
+  with pytest.raises(ValueError, match="KOPS2D: impl must be one of"):
+    _init(KOPS2D(5, impl="cuda"), x)
 
 
 # ----------------------------------------------------------------------------- dense layers
 
 
-def _padded_reference(params, x, features, increasing_stride, bit_reversal=False):
-  """x_pad @ M.T[:, :features] + b with M = butterfly_to_dense (all blocks at once)."""
-  n = 2 * params["twiddle"].shape[3]
-  xp = np.pad(np.asarray(x), ((0, 0), (0, n - x.shape[1])))
-  if bit_reversal:
-    xp = xp[:, inits.bit_reversal(n)]
-  m = np.asarray(_to_dense(params["twiddle"], increasing_stride))
-  return xp @ m.T[:, :features] + np.asarray(params["bias"])
+def _reference(params, x, features, increasing_stride):
+  """The layer by hand in numpy: pad, butterfly factor product, cut, bias."""
+  return padded_layer(np.asarray(params["twiddle"]), np.asarray(x), features,
+                      increasing_stride, params["bias"])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("din,dout", [(784, 100), (100, 10), (512, 10), (10, 40)])
-def test_butterfly_dense_rectangular_padding(din, dout):
+def test_butterfly_dense_rectangular_padding(din, dout, impl):
   x = jax.random.normal(jax.random.key(din), (4, din))
-  layer = ButterflyDense(dout)
+  layer = ButterflyDense(dout, impl=impl)
   params = _randomize_bias(_init(layer, x))
   n = max(2, 1 << (din - 1).bit_length())
   assert params["twiddle"].shape == (-(-dout // n), 1, n.bit_length() - 1, n // 2, 2, 2)
   y = _apply(layer, params, x)
   assert y.shape == (4, dout)
-  np.testing.assert_allclose(y, _padded_reference(params, x, dout, True), rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(y, _reference(params, x, dout, True), rtol=1e-4, atol=1e-4)
 
 
-def test_butterfly_dense_leading_dims_and_decreasing_stride():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_butterfly_dense_leading_dims_and_decreasing_stride(impl):
   x = jax.random.normal(jax.random.key(2), (2, 3, 12))
-  layer = ButterflyDense(20, nblocks=2, increasing_stride=False)
+  layer = ButterflyDense(20, nblocks=2, increasing_stride=False, impl=impl)
   params = _randomize_bias(_init(layer, x))
   y = _apply(layer, params, x)
   assert y.shape == (2, 3, 20)
-  want = _padded_reference(params, x.reshape(6, 12), 20, False).reshape(2, 3, 20)
+  want = _reference(params, x.reshape(6, 12), 20, False).reshape(2, 3, 20)
   np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("din,dout,width", [(12, 12, 1)])
-def test_kmatrix_is_product_of_its_butterflies(din, dout, width):
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("din,dout,width", [(12, 12, 1), (12, 20, 2)])
+def test_kmatrix_is_product_of_its_butterflies(din, dout, width, impl):
   x = jax.random.normal(jax.random.key(4), (3, din))
-  layer = KMatrixDense(dout, width=width)
+  layer = KMatrixDense(dout, width=width, impl=impl)
   params = _randomize_bias(_init(layer, x))
-  tw = params["twiddle"]
-  assert tw.shape[:2] == (1, 2 * width)
-  # Block 0 decreasing stride, then alternating; y = x @ (M_last ... M_0).T
+  tw = np.asarray(params["twiddle"], np.float64)
+  assert tw.shape[:2] == (-(-dout // 16), 2 * width)
+  # Block 0 decreasing stride, then alternating: per stack y = x @ (M_last ... M_0).T, each
+  # block M_b a one-block butterfly matrix of its own direction (built separately here).
   n = 2 * tw.shape[3]
-  prod = np.eye(n)
-  for blk in range(2 * width):
-    mb = np.asarray(_to_dense(tw[:, blk:blk + 1], increasing_stride=blk % 2 == 1))
-    prod = mb @ prod
+  stacks = []
+  for c in range(tw.shape[0]):
+    prod = np.eye(n)
+    for blk in range(2 * width):
+      prod = butterfly_matrix(tw[c:c + 1, blk:blk + 1], increasing=blk % 2 == 1) @ prod
+    stacks.append(prod)
   xp = np.pad(np.asarray(x), ((0, 0), (0, n - din)))
-  want = xp @ prod.T[:, :dout] + np.asarray(params["bias"])
+  want = xp @ np.concatenate(stacks).T[:, :dout] + np.asarray(params["bias"])
   np.testing.assert_allclose(_apply(layer, params, x), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cls,din,dout,nblocks,increasing", [
+    # The FC's real layers: 784 inputs padded to 1024, 100-wide layers padded to 128.
+    (FactorizedDense, 784, 100, 1, True),     # rectangular: a butterfly
+    (FactorizedDense, 100, 100, 2, False),    # square: a K-matrix (B B*-shaped)
+    (FactorizedDense, 100, 10, 1, True),      # the head
+    (KMatrixDense, 784, 100, 2, False),
+])
+def test_fc_sized_layers_match_numpy_factor_products(cls, din, dout, nblocks, increasing, impl):
+  """Every FC layer shape, against the numpy factor product of the layout it must have
+  (FactorizedDense: a K-matrix exactly when square, else a one-block butterfly)."""
+  x = jax.random.normal(jax.random.key(din + dout), (5, din))
+  layer = cls(dout, impl=impl)
+  params = _randomize_bias(_init(layer, x))
+  n = max(2, 1 << (din - 1).bit_length())
+  assert params["twiddle"].shape == (1, nblocks, n.bit_length() - 1, n // 2, 2, 2)
+  np.testing.assert_allclose(_apply(layer, params, x),
+                             _reference(params, x, dout, increasing), rtol=1e-4, atol=1e-4)
+
+
 def test_factorized_dense_picks_kmatrix_when_square():
-  sq = _init(FactorizedDense(16), jnp.ones((1, 16)))
-  rect = _init(FactorizedDense(10), jnp.ones((1, 16)))
+  shapes = lambda layer: jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((1, 16)))["params"]
+  sq, rect = shapes(FactorizedDense(16)), shapes(FactorizedDense(10))
   assert sq["twiddle"].shape == (1, 2, 4, 8, 2, 2)
   assert rect["twiddle"].shape == (1, 1, 4, 8, 2, 2)
-  x = jax.random.normal(jax.random.key(5), (2, 16))
-  np.testing.assert_allclose(_apply(FactorizedDense(16), sq, x), _apply(KMatrixDense(16), sq, x),
-                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [ButterflyDense, KMatrixDense, FactorizedDense])
+def test_unknown_impl_raises(cls):
+  with pytest.raises(ValueError, match=f"{cls.__name__}: impl must be one of 'auto', 'cpu'"):
+    _init(cls(8, impl="gpu"), jnp.ones((1, 8)))
 
 
 # ----------------------------------------------------------------------------- inits
 
 
+_orthogonal = jax.jit(inits.orthogonal, static_argnums=(1, 2))
+
+
 def test_orthogonal_init_is_orthogonal():
   # Real (2 stacks, 2 blocks) and complex (unitary) twiddles.
   for shape, dtype in [((2, 2, 5, 16, 2, 2), jnp.float32), ((1, 1, 3, 4, 2, 2), jnp.complex64)]:
-    m = np.asarray(_to_dense(inits.orthogonal(jax.random.key(0), shape, dtype)))
+    m = butterfly_matrix(np.asarray(_orthogonal(jax.random.key(0), shape, dtype)))
     n = 2 * shape[3]
     for s in range(shape[0]):
       q = m[n * s:n * (s + 1)]
       np.testing.assert_allclose(q @ q.conj().T, np.eye(n), atol=1e-5)
   # Both rotations and reflections occur (det of the 2x2 factors is +1 or -1).
-  det = np.linalg.det(np.asarray(inits.orthogonal(jax.random.key(0), (2, 2, 5, 16, 2, 2))))
+  det = np.linalg.det(np.asarray(_orthogonal(jax.random.key(0), (2, 2, 5, 16, 2, 2),
+                                             jnp.float32)))
   assert np.allclose(np.abs(det), 1, atol=1e-5) and (det > 0).any() and (det < 0).any()
 
 
-def test_identity_init():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_identity_init(impl):
   x = jax.random.normal(jax.random.key(8), (3, 12))
-  for layer, want in [(ButterflyDense(5, twiddle_init="identity", use_bias=False), x[:, :5]),
-                      (KMatrixDense(12, twiddle_init="identity", use_bias=False), x)]:
+  for layer, want in [(ButterflyDense(5, twiddle_init="identity", use_bias=False, impl=impl),
+                       x[:, :5]),
+                      (KMatrixDense(12, twiddle_init="identity", use_bias=False, impl=impl), x)]:
     np.testing.assert_allclose(_apply(layer, _init(layer, x), x), want, atol=1e-6)
 
 
@@ -228,13 +262,14 @@ def test_unknown_init_raises():
 # ----------------------------------------------------------------------------- gradients
 
 
-def test_complex_twiddle_gradient_is_descent_direction():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_complex_twiddle_gradient_is_descent_direction(impl):
   # For a real loss the gradient of a complex twiddle must be dL/dRe + i dL/dIm so that
   # stock optimizers descend (JAX's own convention gives its conjugate): check the
   # directional derivative by central differences. DFT twiddles: any point will do.
   x = jax.random.normal(jax.random.key(11), (4, 8))
   target = jax.random.normal(jax.random.key(12), (4, 6))
-  layer = ButterflyDense(6, twiddle_init="fft")
+  layer = ButterflyDense(6, twiddle_init="fft", impl=impl)
   params = _init(layer, x)
   @jax.jit
   def loss(p):
@@ -251,6 +286,7 @@ def test_complex_twiddle_gradient_is_descent_direction():
 
 def test_factories_and_flops():
   assert isinstance(butterfly_dense(twiddle_init="orthogonal")(10, name="head"), ButterflyDense)
+  assert butterfly_dense(impl="generic")(10).impl == "generic" and ButterflyDense(3).impl == "auto"
   assert factorized_dense()(100, name="fc2").features == 100
   assert kops2d()(64, name="conv1").kernel_size == (3, 3)
   # Hand-derived counts (FLOP convention in layers.py):

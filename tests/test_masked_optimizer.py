@@ -130,6 +130,13 @@ def test_updates_of_pruned_weights_are_zero_whatever_the_inner_optimizer_returns
   assert np.all(np.isinf(np.asarray(u["Dense_0"]["bias"])))
 
 
+def _add_constant(c: float) -> optax.GradientTransformation:
+  """Adds ``c`` to every update, whatever the gradient (a stand-in for drift, noise, ...)."""
+  return optax.GradientTransformation(
+      lambda params: optax.EmptyState(),
+      lambda updates, state, params=None: (jax.tree.map(lambda u: u + c, updates), state))
+
+
 def test_adamw_decay_and_chains_keep_zeros(setup):
   model, x, y, params, masks = setup
   p0 = bfprune.apply_masks(params, masks)
@@ -140,11 +147,20 @@ def test_adamw_decay_and_chains_keep_zeros(setup):
       "masked(chain(clip, sgd))": bfprune.masked_optimizer(
           optax.chain(optax.clip_by_global_norm(0.1), optax.sgd(1e-1, momentum=0.9)), masks),
   }
+  # An inner optimizer whose updates are non-zero at pruned weights even for the zero gradients
+  # it sees there: only the wrapper's update mask keeps those weights at 0 (with adamw, decay
+  # of a zero weight adds 0, so that variant cannot tell).
+  drift = optax.chain(optax.adam(1e-2), _add_constant(0.1))
+  variants["masked(chain(adam, +0.1))"] = bfprune.masked_optimizer(drift, masks)
   for name, tx in variants.items():
     p, _, _ = _train(tx, p0, model, x, y, steps=4)
     pruned, kept = _split(p, masks)
     assert np.all(pruned == 0.0), name
     assert np.mean(kept != _split(p0, masks)[1]) > 0.95, name
+  # Masking the gradients alone would not do: the inner chain moves the pruned weights.
+  g_masked = bfprune.apply_masks(jax.grad(_loss_fn(model))(p0, x, y), masks)
+  u_inner, _ = drift.update(g_masked, drift.init(p0), p0)
+  assert np.all(_split(u_inner, masks)[0] != 0.0)
   # masked(chain(clip, ...)): the clip sees masked gradients, so it measures the kept weights'
   # norm only. One SGD step checks it against a norm computed here.
   grads = jax.grad(_loss_fn(model))(p0, x, y)
@@ -171,13 +187,21 @@ def test_multisteps_and_inject_hyperparams(setup):
   p1, _, _ = _train(bfprune.masked_optimizer(optax.adam(1e-2), masks), p0, model, x, y, steps=2)
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-  # inject_hyperparams inside: the learning rate is reachable in the state; lr 0 freezes all.
+  # inject_hyperparams inside: the learning rate is reachable in the state and used; the
+  # pruned weights, whose gradients are not zero, get zero updates.
   tx = bfprune.masked_optimizer(optax.inject_hyperparams(optax.adam)(learning_rate=1e-2), masks)
   state = tx.init(p0)
-  state.inner_state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+  state.inner_state.hyperparams["learning_rate"] = jnp.asarray(0.05)
   grads = jax.grad(_loss_fn(model))(p0, x, y)
   u, state = jax.jit(tx.update)(grads, state, p0)
-  assert all(np.all(np.asarray(v) == 0.0) for v in jax.tree.leaves(u))
+  g_pruned, g_kept = _split(grads, masks)
+  assert np.count_nonzero(g_pruned) > 0.9 * g_pruned.size  # unmasked, they would move
+  u_pruned, u_kept = _split(u, masks)
+  assert np.all(u_pruned == 0.0)
+  # Adam's first step is -lr * g / (|g| + eps): -0.05 * sign(g) where |g| >> eps = 1e-8.
+  big = np.abs(g_kept) > 1e-5
+  assert big.mean() > 0.9
+  np.testing.assert_allclose(u_kept[big], -0.05 * np.sign(g_kept[big]), rtol=1e-3)
 
 
 def test_masks_live_in_the_state_jit_reuses_the_step_and_checkpoints_restore(setup, tmp_path):
@@ -228,7 +252,12 @@ def test_bad_use_raises_one_clear_error(setup):
   tx = bfprune.masked_optimizer(optax.adam(1e-3), masks)
   with pytest.raises(ValueError, match=r"pruned weights are not zero in .*kernel.*apply_masks"):
     tx.init(params)  # forgot to mask the params
-  with pytest.raises(ValueError, match="do not mirror the params"):
+  # Structure mismatches: one line naming the first key path that differs.
+  with pytest.raises(ValueError, match="do not mirror the params pytree: the masks have "
+                                       "Dense_0/bias, the params do not") as e:
+    tx.init({k: v for k, v in params.items() if k != "Dense_0"})
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="the masks have Conv_0/bias, the params do not"):
     tx.init({"other": params})
   float_masks = jax.tree.map(lambda m: m.astype(jnp.float32), masks)
   with pytest.raises(ValueError, match="Conv_0/kernel .* dtype float32; masks are boolean"):
@@ -237,7 +266,21 @@ def test_bad_use_raises_one_clear_error(setup):
     bfprune.set_masks(optax.adam(1e-3).init(params), masks)
   state = tx.init(bfprune.apply_masks(params, masks))
   fewer = {k: v for k, v in masks.items() if k != "Dense_0"}
-  with pytest.raises(ValueError, match="do not have the structure of the state's masks"):
+  with pytest.raises(ValueError, match="do not have the structure of the state's masks: the "
+                                       "state's masks have Dense_0/bias, the new masks do not"
+                     ) as e:
     bfprune.set_masks(state, fewer)
+  assert "\n" not in str(e.value)
+  unprunable = dict(masks, Dense_0=dict(masks["Dense_0"], kernel=None))
+  with pytest.raises(ValueError, match=r"Dense_0/kernel is None \(not prunable\) in the new "
+                                       r"masks, of shape \(\d+, 3\) in the state$"):
+    bfprune.set_masks(state, unprunable)
   with pytest.raises(TypeError, match="MaskedState"):
     bfprune.optim.masked_update(optax.adam(1e-3), params, optax.adam(1e-3).init(params))
+
+
+def test_is_none_keeps_the_none_mask_leaves(setup):
+  _, _, _, params, masks = setup
+  leaves = jax.tree.leaves(masks, is_leaf=bfprune.is_none)
+  assert len(leaves) == len(jax.tree.leaves(params)) == len(jax.tree.leaves(masks)) + 3
+  assert [l is None for l in leaves] == [True, False] * 3  # (bias, kernel) of 3 layers

@@ -2,7 +2,8 @@
 
 Masks come from ``ones_like(params, is_kernel_or_twiddle)``. Checks against independent results:
 an explicit product of per-factor n x n matrices assembled entry by entry from the documented
-layout, a hand-written forward pass for SNIP, Euler's theorem for SynFlow, and FLOP counting.
+layout, a hand-written forward pass for SNIP and GraSP, Euler's theorem for SynFlow, and FLOP
+counting. Scores that differentiate through the butterfly run for every implementation.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from bfprune.pruning import schedule as Sch
 from bfprune.pruning import scores as S
 from bfprune.structured.butterfly import butterfly_to_dense
 from bfprune.structured.layers import ButterflyDense
+from butterfly_reference import IMPLS
 
 IN, HIDDEN, BF_OUT, CLASSES = 10, 12, 24, 3   # butterfly: 12 -> pad 16, 2 stacks cut to 24
 NBLOCKS = 2
@@ -97,16 +99,18 @@ def explicit_dense_jnp(tw: jax.Array, increasing: bool = True) -> jax.Array:
 class Net(nn.Module):
   """dense -> ReLU -> butterfly (2 stacks, 2 blocks) -> ReLU -> dense head."""
   use_bias: bool = True
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = nn.relu(nn.Dense(HIDDEN, use_bias=self.use_bias, name="inp")(x))
-    x = nn.relu(ButterflyDense(BF_OUT, nblocks=NBLOCKS, use_bias=self.use_bias, name="bf")(x))
+    x = nn.relu(ButterflyDense(BF_OUT, nblocks=NBLOCKS, use_bias=self.use_bias, impl=self.impl,
+                               name="bf")(x))
     return nn.Dense(CLASSES, use_bias=self.use_bias, name="out")(x)
 
 
-def init_net(use_bias: bool = True):
-  model = Net(use_bias)
+def init_net(use_bias: bool = True, impl: str = "auto"):
+  model = Net(use_bias, impl)
   params = model.init(jax.random.key(0), jnp.ones((1, IN)))["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   return model, params, apply_fn
@@ -175,14 +179,21 @@ def test_masked_identity_factor_cuts_the_only_path():
 
 
 @pytest.fixture(scope="module")
-def net():
-  """One (model, params, apply_fn) shared by the tests below, so jitted scores compile once."""
-  return init_net()
+def nets():
+  """impl -> one (model, params, apply_fn) shared by the tests below, so jitted scores
+  compile once per implementation (same params for every impl)."""
+  return {impl: init_net(impl=impl) for impl in IMPLS + ("auto",)}
 
 
-@pytest.mark.parametrize("pruner", Sch.PRUNERS)
-def test_every_pruner_scores_and_masks_twiddles_like_kernels(net, pruner):
-  _, params, apply_fn = net
+# Every pruner with "auto" (the CPU path here); those that differentiate through the
+# butterfly (rand and mag never call the network) also with the generic path.
+PRUNER_CASES = [(p, "auto") for p in Sch.PRUNERS] + [
+    (p, "generic") for p in ("snip", "grasp", "synflow")]
+
+
+@pytest.mark.parametrize("pruner,impl", PRUNER_CASES)
+def test_every_pruner_scores_and_masks_twiddles_like_kernels(nets, pruner, impl):
+  _, params, apply_fn = nets[impl]
   masks0 = M.ones_like(params, M.is_kernel_or_twiddle)
   assert masks0["bf"]["twiddle"].shape == params["bf"]["twiddle"].shape
   assert masks0["bf"]["bias"] is None and masks0["inp"]["bias"] is None
@@ -210,8 +221,9 @@ def test_every_pruner_scores_and_masks_twiddles_like_kernels(net, pruner):
     np.testing.assert_array_equal(again[~kept], 0)
 
 
-def test_snip_twiddle_scores_equal_a_hand_written_network(net):
-  _, params, apply_fn = net
+@pytest.mark.parametrize("impl", IMPLS)
+def test_snip_twiddle_scores_equal_a_hand_written_network(nets, impl):
+  _, params, apply_fn = nets[impl]
   params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero biases too
   masks = M.ones_like(params, M.is_kernel_or_twiddle)
   rng = np.random.default_rng(2)
@@ -233,10 +245,30 @@ def test_snip_twiddle_scores_equal_a_hand_written_network(net):
   assert np.asarray(got["bf"]["twiddle"])[~keep].max() == 0
 
 
-@pytest.fixture(scope="module")
-def synflow_pruned():
-  """Bias-free net, SynFlow with twiddles prunable: 2 rounds to density 0.3."""
-  model, params, apply_fn = init_net(use_bias=False)
+@pytest.mark.parametrize("impl", ["auto", "generic"])
+def test_grasp_twiddle_scores_equal_a_hand_written_network(nets, impl):
+  # GraSP's H g (forward-over-reverse through the layer) against the same score of the
+  # hand-written network, whose butterfly is the explicit factor product. "auto" is the
+  # CPU path here, differentiated twice through the platform switch.
+  _, params, apply_fn = nets[impl]
+  params = jax.tree.map(lambda p: p + 0.1, params)
+  masks = M.ones_like(params, M.is_kernel_or_twiddle)
+  masks["bf"]["twiddle"] = jnp.asarray(np.random.default_rng(3).random(
+      params["bf"]["twiddle"].shape) > 0.3)
+  batch = prune_batch()
+  got = S.grasp_scores(apply_fn, params, masks, batch)
+  want = S.grasp_scores(hand_forward, params, masks, batch)
+  for layer, leaf in (("bf", "twiddle"), ("inp", "kernel"), ("out", "kernel")):
+    w = np.asarray(want[layer][leaf])
+    assert np.abs(w).max() > 0
+    np.testing.assert_allclose(np.asarray(got[layer][leaf]), w, rtol=2e-3,
+                               atol=2e-4 * np.abs(w).max())
+
+
+@pytest.fixture(scope="module", params=IMPLS)
+def synflow_pruned(request):
+  """Bias-free net, SynFlow with twiddles prunable: 2 rounds to density 0.3 (per impl)."""
+  model, params, apply_fn = init_net(use_bias=False, impl=request.param)
   masks0 = M.ones_like(params, M.is_kernel_or_twiddle)
   score_fn = Sch.make_score_fn("synflow", apply_fn, input_shape=(IN,))
   masks = Sch.prune(score_fn, params, masks0, 0.3, rounds=2)

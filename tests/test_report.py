@@ -573,3 +573,12 @@ def test_cli_end_to_end_and_one_line_errors(rows, tmp_path):
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
   last = bad.stderr.strip().splitlines()[-1]
   assert last.startswith("report.py: error: ") and "results.jsonl" in last and "2" in last
+  # A row that cannot be placed (no 'dataset'): also named by file and line (blank lines count).
+  no_ds = {k: v for k, v in rows[1].items() if k != "dataset"}
+  (bad_res / "results.jsonl").write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(no_ds) + "\n")
+  bad = subprocess.run([sys.executable, script, f"--results={bad_res}"], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1] == (
+      f"report.py: error: {bad_res / 'results.jsonl'}:3: results row (run_key "
+      f"{rows[1]['run_key']}) has no 'dataset'; fix or remove that line")

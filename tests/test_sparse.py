@@ -68,7 +68,7 @@ def _random_masks(params, density, seed=2):
   rng = np.random.default_rng(seed)
   scores = jax.tree_util.tree_map_with_path(
       lambda p, v: rng.random(v.shape) if M.path_names(p)[-1] == "kernel" else None, params)
-  return M.masks_from_scores(scores, density)
+  return M.masks_from_scores(scores, density, allow_empty=True)  # density 0: the empty net
 
 
 def _close(out, ref):

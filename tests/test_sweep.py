@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, data_dir
@@ -59,9 +60,15 @@ def _run(args, **kw):
     (["--pruner=snip", "--compression=1,2,"], "--compression='1,2,' has an empty item"),
     (["--pruner=snip,snip"], "--pruner='snip,snip' lists 'snip' twice"),
     (["--pruner=rand", "--compression=1,1.0"], "--compression='1,1.0' lists '1.0' twice"),
+    # Every compression is range-checked, also where no run would use it.
+    (["--compression=-1"], "--compression=-1.0 must be in [0, 9]"),
+    (["--compression=nan"], "--compression=nan must be in [0, 9]"),
+    (["--pruner=snip", "--compression=1,inf"], "--compression=inf must be in [0, 9]"),
     (["--pruner="], "--pruner is empty"),
     # Given, but no run of the command would use it.
     (["--pre_epochs=3"], "--pre_epochs=3 has no effect: no run prunes"),
+    (["--compression=7"], "--compression=7 has no effect: no run prunes"),
+    (["--pruner=none", "--compression=1"], "--compression=1 has no effect: no run prunes"),
     (["--prune_rounds=2"], "--prune_rounds=2 has no effect: no run prunes"),
     (["--pruner=snip", "--prune_schedule=linear"], "--prune_schedule=linear has no effect"),
     (["--pruner=rand", "--prune_per_class=5"], "--prune_per_class=5 has no effect"),
@@ -143,6 +150,38 @@ def test_dry_run_marks_runs_already_in_results_and_changes_nothing(tmp_path):
       "results.jsonl"]
 
 
+def test_config_default_rounds_is_the_librarys():
+  """experiments/config.py keeps its own copy of the rule (importing the library imports jax,
+  too slow before flag validation); it must agree with the library's."""
+  sys.path.insert(0, str(REPO))
+  from experiments import config
+  from bfprune.pruning import schedule
+  for pruner in config.PAPER_PRUNERS:
+    assert config.default_rounds(pruner, None) == schedule.default_rounds(pruner), pruner
+    assert config.default_rounds(pruner, 7) == 7
+
+
+_DRY_RUN_INTO_A_CLOSED_PIPE = """
+import os, sys
+from pathlib import Path
+from experiments import config, sweep
+configs = [config.RunConfig(seed=s) for s in range(20000)]  # ~1.5 MB, far over a pipe buffer
+before = set(os.listdir("/proc/self/fd"))
+sweep.dry_run(configs, Path("results.jsonl"), set())
+print("leaked fds:", len(set(os.listdir("/proc/self/fd")) - before), file=sys.stderr)
+"""
+
+
+def test_dry_run_into_a_pipe_closed_early_exits_quietly_and_leaks_no_fd(tmp_path):
+  proc = subprocess.Popen([sys.executable, "-c", _DRY_RUN_INTO_A_CLOSED_PIPE], cwd=REPO,
+                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  assert proc.stdout.readline().startswith(b"sweep: 20000 runs")  # like `| head -1`
+  proc.stdout.close()
+  err = proc.stderr.read().decode()
+  assert proc.wait(timeout=60) == 0, err
+  assert err.strip() == "leaked fds: 0"
+
+
 def test_nothing_to_do_ends_with_the_summary_line(tmp_path):
   out = tmp_path / "out"
   _, runs = _dry(["--pruner=rand", "--compression=1,2"], out)
@@ -195,6 +234,42 @@ def test_missing_data_is_a_clear_error(tmp_path):
   assert proc.returncode != 0
   assert "data error" in proc.stderr and "train-images-idx3-ubyte" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_prune_per_class_above_a_class_count_is_one_line_before_any_run(tmp_path, mnist):
+  out = tmp_path / "out"
+  proc = _run(["--pruner=snip,grasp", "--prune_per_class=100", "--train_examples=512",
+               f"--out_dir={out}"])
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  counts = np.bincount(mnist.train_y[:512], minlength=10)  # the smallest class of the slice
+  c = int(np.argmin(counts))
+  assert counts[c] < 100
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"sweep.py: error: --prune_per_class=100: snip and grasp prune with 100 examples of "
+      f"every class, but class {c} has {counts[c]} of the 512 training examples; lower it, or "
+      "raise --train_examples")
+  assert not (out / "checkpoints").exists() and not (out / "results.jsonl").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_is_one_line_naming_its_folder(tmp_path):
+  """A checkpoint left by another version (here: another tree) is reported, not a traceback."""
+  out = tmp_path / "out"
+  args = ["--post_epochs=0", "--train_examples=256"]
+  ((key, _, _),) = _dry(args, out)[1]
+  folder = out / "checkpoints" / key
+  sys.path.insert(0, str(REPO))
+  from bfprune import checkpoint
+  ckpt = checkpoint.RunCheckpointer(folder)
+  ckpt.save(1, {"state": {"w": np.zeros(3, np.float32)}, "masks": {"w": np.ones(3, bool)}},
+            {"phase": "post", "epochs_done": 0, "history": [], "prune_seconds": 0.0,
+             "train_seconds": 0.0})
+  ckpt.close()
+  proc = _run(args + [f"--out_dir={out}"])
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"sweep.py: error: checkpoint {folder} (step 1) does not fit"), last
+  assert last.endswith("delete that directory to start the run afresh")
+  assert not (out / "results.jsonl").exists() and folder.exists()  # left for the user
 
 
 def _epochs_logged(log: str) -> list[int]:

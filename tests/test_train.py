@@ -91,6 +91,39 @@ class NeedsFlag(nn.Module):
     return nn.Dropout(0.5, deterministic=not training)(nn.Dense(10)(x))
 
 
+class FlaxDropout(nn.Module):
+  """Flax's usual switch: ``deterministic`` (True = evaluation, no dropout rng needed)."""
+  rate: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = False):
+    x = nn.relu(nn.Dense(64)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(10)(nn.Dropout(self.rate, deterministic=deterministic)(x))
+
+
+@pytest.mark.parametrize("spec", ["auto", "deterministic", ("deterministic", False)])
+def test_trainer_drops_out_while_training_only_with_flax_deterministic(spec, mnist):
+  x, y = mnist.train_x[:256], mnist.train_y[:256]
+  model = FlaxDropout()
+  variables = model.init(jax.random.key(0), x[:1])
+  no_dropout = float(jnp.mean(train.cross_entropy(
+      model.apply(variables, x, deterministic=True), y)))
+  with_dropout = [float(jnp.mean(train.cross_entropy(model.apply(
+      variables, x, deterministic=False, rngs={"dropout": jax.random.key(k)}), y)))
+      for k in range(8)]
+  assert min(abs(l - no_dropout) for l in with_dropout) > 0.05  # dropout is visible here
+  trainer = train.Trainer(model, optax.sgd(0.0), train.make_mesh(), train_kwarg=spec)
+  assert trainer._mode == train.TrainSwitch("deterministic", False)
+  state = train.init_state(variables, masks_lib.ones_like(variables["params"]), trainer.tx)
+  # Evaluation: deterministic=True (dropout off; with it on, Flax would want a dropout rng).
+  ev = trainer.evaluate(state, trainer.put(train.make_eval_data(x, y, 128)))
+  assert ev["loss"] == pytest.approx(no_dropout, rel=1e-5)
+  # Training: deterministic=False. With lr 0 the params stay, so only dropout moves the loss.
+  _, losses = trainer.train_steps(state, None, jnp.asarray(x), jnp.asarray(y),
+                                  np.arange(256, dtype=np.int32)[None], jax.random.key(0))
+  assert abs(float(losses[0]) - no_dropout) > 0.05, (float(losses[0]), no_dropout)
+
+
 def test_trainer_trains_a_model_without_train_argument(mnist):
   model = PlainCNN()
   x, y = mnist.train_x[:1024], mnist.train_y[:1024]
@@ -115,16 +148,27 @@ def test_trainer_trains_a_model_without_train_argument(mnist):
 
 def test_trainer_train_kwarg_resolution():
   mesh = train.make_mesh()
-  assert train.Trainer(models.FC(), optax.adam(1e-3), mesh)._mode == "train"
+  switch = train.TrainSwitch
+  assert train.Trainer(models.FC(), optax.adam(1e-3), mesh)._mode == switch("train", True)
   assert train.Trainer(PlainCNN(), optax.adam(1e-3), mesh)._mode is None
   assert train.Trainer(models.FC(), optax.adam(1e-3), mesh, train_kwarg=None)._mode is None
   assert train.Trainer(NeedsFlag(), optax.adam(1e-3), mesh,
-                       train_kwarg="training")._mode == "training"
+                       train_kwarg="training")._mode == switch("training", True)
+  # An explicit (name, value while training), here the inverted reading of `training`.
+  inverted = train.Trainer(NeedsFlag(), optax.adam(1e-3), mesh,
+                           train_kwarg=("training", False))._mode
+  assert inverted.kwargs(True) == {"training": False}
+  assert inverted.kwargs(False) == {"training": True}
+  assert switch("deterministic", False).kwargs(True) == {"deterministic": False}
   with pytest.raises(ValueError, match=r"NeedsFlag.__call__\(x, training: bool\) also "
-                                       "requires training"):
+                                       r"requires training; .*'deterministic' is known to be "
+                                       r"False while training.*\('eval_mode', False\)"):
     train.Trainer(NeedsFlag(), optax.adam(1e-3), mesh)
   with pytest.raises(ValueError, match="has no argument 'mode'"):
     train.Trainer(models.FC(), optax.adam(1e-3), mesh, train_kwarg="mode")
+  for bad in (("training", 1), ("", True), 3):
+    with pytest.raises(ValueError, match=r"is not valid: expected 'auto', None, a keyword"):
+      train.Trainer(NeedsFlag(), optax.adam(1e-3), mesh, train_kwarg=bad)
 
 
 def test_train_steps_needs_a_masked_optimizer_state():

@@ -48,7 +48,10 @@ def is_kernel_or_twiddle(path: Path, leaf: jax.Array) -> bool:
   return bool(path) and path[-1] in ("kernel", "twiddle", "blocks1", "blocks2")
 
 
-def _none_leaf(x: Any) -> bool:
+def is_none(x: Any) -> bool:
+  """``is_leaf`` for mask trees: keeps their ``None`` leaves, which JAX's tree functions
+  otherwise drop (``None`` is an empty subtree), e.g. ``jax.tree.leaves(masks, is_leaf=is_none)``
+  has one entry per params leaf."""
   return x is None
 
 
@@ -73,7 +76,7 @@ def tree_map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> Py
   like tree, e.g. per-leaf scores:
   ``tree_map_masked(lambda m, p: None if m is None else jnp.abs(p), masks, params)``.
   """
-  return jax.tree.map(fn, masks, *trees, is_leaf=_none_leaf)
+  return jax.tree.map(fn, masks, *trees, is_leaf=is_none)
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -243,11 +246,11 @@ def masks_from_scores(scores: PyTree, density: float, scope: str = "global",
   d = check_not_empty(density, allow_empty)
   if scope not in SCOPES:
     raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-  s_leaves, treedef = jax.tree.flatten(scores, is_leaf=_none_leaf)
+  s_leaves, treedef = jax.tree.flatten(scores, is_leaf=is_none)
   if masks is None:
     m_leaves = [None if s is None else np.ones(np.shape(s), bool) for s in s_leaves]
   else:
-    m_leaves, m_treedef = jax.tree.flatten(masks, is_leaf=_none_leaf)
+    m_leaves, m_treedef = jax.tree.flatten(masks, is_leaf=is_none)
     if m_treedef != treedef:
       raise ValueError(f"scores and masks have different structures:\n{treedef}\nvs\n{m_treedef}")
   host_s, host_m, idx = [], [], []

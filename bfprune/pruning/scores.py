@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from bfprune import float64
-from bfprune.pruning.masks import PyTree, _none_leaf, apply_masks, tree_map_masked
+from bfprune.pruning.masks import PyTree, apply_masks, is_none, tree_map_masked
 
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 Batch = tuple[Any, Any]
@@ -43,12 +43,12 @@ DEFAULT_CHUNK = 256
 
 def _check_masks(params: PyTree, masks: PyTree) -> None:
   p_def = jax.tree.structure(params)
-  m_leaves, m_def = jax.tree.flatten(masks, is_leaf=_none_leaf)
+  m_leaves, m_def = jax.tree.flatten(masks, is_leaf=is_none)
   if m_def.num_leaves != p_def.num_leaves:
     raise ValueError("masks must mirror params (same tree, None on non-prunable leaves); got "
                      f"{m_def.num_leaves} mask leaves for {p_def.num_leaves} params")
   try:
-    jax.tree.map(lambda m, p: None, masks, params, is_leaf=_none_leaf)
+    jax.tree.map(lambda m, p: None, masks, params, is_leaf=is_none)
   except ValueError as e:
     raise ValueError(f"masks must mirror params: {e}") from None
   for m, p in zip(m_leaves, jax.tree.leaves(params)):
@@ -74,7 +74,7 @@ def random_scores(key: jax.Array, params: PyTree, masks: PyTree) -> PyTree:
   key: a ``jax.random`` key; the same key gives the same scores.
   """
   _check_masks(params, masks)
-  leaves, treedef = jax.tree.flatten(masks, is_leaf=_none_leaf)
+  leaves, treedef = jax.tree.flatten(masks, is_leaf=is_none)
   keys = jax.random.split(key, max(len(leaves), 1))
   out = [None if m is None else jax.random.normal(k, np.shape(m), jnp.float32)
          for k, m in zip(keys, leaves)]

@@ -1,4 +1,23 @@
-"""Butterfly multiply (pure JAX), fast on CPU, with a hand-written VJP.
+"""Butterfly multiply (pure JAX): a CPU-tuned path and a portable one, picked per platform.
+
+``butterfly_multiply(..., impl=...)`` (static) selects the formulation:
+* ``"cpu"``: the tuned passes described below (conditionals as fusion barriers, two
+  chains, tiled transposes, hand-written VJP). These tricks exist for XLA:CPU only; on
+  XLA:GPU every conditional would copy its predicate to the host and wait for the stream.
+* ``"generic"``: the same radix passes, each one ``einsum`` (a batched ``dot_general``) of
+  the pass matrix with the activations, differentiated by plain autodiff: no conditionals,
+  no batch split, no tiled transposes, no custom VJP (so every order of AD, forward mode
+  included, works). Each pass is materialised once by its dot, which XLA's fusion does not
+  duplicate into the next pass (elementwise multiply-adds it would, recomputing elements
+  2^m times: the trap the CPU path's conditionals avoid).
+* ``"auto"`` (default): "cpu" where lowered for CPU, "generic" everywhere else, chosen
+  when lowering by a primitive with per-platform lowering rules (``_platform_call``): a
+  module lowered / exported for CUDA or TPU contains only the generic passes and no
+  conditional at all (tests/test_export.py). Its custom VJP pairs each path's forward with
+  its own backward; the residuals of the path not lowered are zeros that nothing reads.
+  The generic path's speed on GPU / TPU is unmeasured (its values are checked on CPU, its
+  lowering by export). A dense matmul of the materialised matrix, possibly faster on a GPU
+  for small n, is left to callers (KOPS2D does it for n <= 64: ``materialize``).
 
 Layout (ports one-to-one from the established PyTorch implementation):
 ``twiddle``: (nstacks, nblocks, log2 n, n/2, 2, 2). Within one block, factor ``l`` (in the
@@ -7,7 +26,7 @@ decreases); positions ``i = 2*s*j + k`` and ``i + s`` (0 <= k < s) form pair ``p
 and ``[y_i, y_{i+s}] = twiddle[..., l, p] @ [x_i, x_{i+s}]``. Successive blocks alternate the
 stride direction. Stacks are independent butterflies of the same input, concatenated.
 
-How the fast version works (measured on a 2-core CPU, see experiments/bench_butterfly.py):
+How the CPU version works (measured on a 2-core CPU, see experiments/bench_butterfly.py):
 * Feature-major layout. x (batch, n) is transposed once to h (n, batch) (the batch is cut
   into tiles only above MAX_LANES; the transposes in and out go by 8 x 8 tiles, each in its
   own conditional, 2-3x faster than XLA's plain transpose of a slice); every factor then
@@ -55,7 +74,9 @@ import functools
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
+from jax.interpreters import ad, batching, mlir
 
 # Largest pass radix, as log2. Radix 8 (three factors per pass) measured fastest at batch 256:
 # 8 multiply-adds per output element are still cheaper than a further pass over memory.
@@ -510,18 +531,233 @@ def _butterfly_bwd(increasing_stride, res, gy):
 _butterfly.defvjp(_butterfly_fwd, _butterfly_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("increasing_stride",))
-def butterfly_multiply(twiddle: jax.Array, x: jax.Array,
-                       increasing_stride: bool = True) -> jax.Array:
+# ------------------------------------------------------------------ generic (portable) path
+
+
+def _generic_plan(log_n: int, nblocks: int, increasing_stride: bool):
+  """Passes of the generic path: [(block, group, increasing, layout, einsum equation)].
+
+  Activations are named axes: z (batch), s (stack), one capital letter per row bit group
+  (A = lowest). The first pass reads x as (z, *groups) and the last writes (z, s, *groups)
+  in natural order, so the layout changes live inside the contractions (no separate
+  transposes); in between the activations are (s, *groups, z), batch lanes last, the order
+  in which dot_general returns them (batch dims = stack and other groups, then the pass's
+  output group, then the lanes), so every pass moves its group to the bottom.
+  """
+  sizes = [2 ** m for _, m in _groups(log_n)]
+  plan = _plan(nblocks, log_n, increasing_stride)
+  name = [chr(ord("A") + g) for g in range(len(sizes))]
+  nat = _natural(len(sizes))
+  lay = nat
+  h_sub = "z" + "".join(name[g] for g in nat)
+  out = []
+  for i, (blk, j, inc) in enumerate(plan):
+    others = "".join(name[g] for g in lay if g != j)
+    if i == len(plan) - 1:
+      out_sub = "zs" + "".join("o" if g == j else name[g] for g in nat)
+    else:
+      out_sub = "s" + others + "oz"
+    out.append((blk, j, inc, lay, f"s{others}ou,{h_sub.replace(name[j], 'u')}->{out_sub}"))
+    h_sub = out_sub.replace("o", name[j])
+    lay = _after(lay, j, True)
+  return sizes, out
+
+
+def _generic_mats(twiddle: jax.Array, mat_dtype, sizes, passes) -> list[jax.Array]:
+  """Pass matrices (C, *other groups in the pass's layout, R, R); copies=True because the
+  construction is differentiated (see ``_expand_bits``)."""
+  factors = _factors(twiddle, mat_dtype)
+  return [_group_matrix(factors[blk], sizes, j, inc, lay, copies=True)
+          for blk, j, inc, lay, _ in passes]
+
+
+def _generic_pass(eq: str, mat: jax.Array, h: jax.Array, dtype) -> jax.Array:
+  """One radix pass as one contraction (a batched dot_general). Float32 runs at HIGHEST
+  precision: a pass contracts only R <= 8 terms, so it is memory bound, and the TF32 /
+  bfloat16 dots that GPUs / TPUs use by default would lose accuracy over log2(n) passes
+  that the CPU path does not lose."""
+  return jnp.einsum(eq, mat, h, precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=dtype)
+
+
+def _generic_fwd(twiddle: jax.Array, x: jax.Array, increasing_stride: bool
+                 ) -> tuple[jax.Array, list[jax.Array]]:
+  """(y, the input of every pass)."""
+  dtype, mat_dtype = _dtypes(twiddle, x)
+  b = x.shape[0]
+  sizes, passes = _generic_plan(twiddle.shape[2], twiddle.shape[1], increasing_stride)
+  mats = _generic_mats(twiddle, mat_dtype, sizes, passes)
+  h = x.astype(dtype).reshape((b,) + tuple(sizes[g] for g in _natural(len(sizes))))
+  hs = []
+  for mat, (*_, eq) in zip(mats, passes):
+    hs.append(h)
+    h = _generic_pass(eq, mat, h, dtype)
+  return h.reshape(b, -1), hs
+
+
+def _generic(twiddle: jax.Array, x: jax.Array, increasing_stride: bool) -> jax.Array:
+  """The portable multiply; differentiated by plain autodiff (any order, forward mode too)."""
+  return _generic_fwd(twiddle, x, increasing_stride)[0]
+
+
+def _generic_bwd(twiddle: jax.Array, x_witness: jax.Array, hs: list[jax.Array],
+                 gy: jax.Array, increasing_stride: bool) -> tuple[jax.Array, jax.Array]:
+  """(dtwiddle, dx) from the saved pass inputs: what autodiff of ``_generic`` computes,
+  written out so that ``impl="auto"`` can pair it with the CPU path's VJP."""
+  dtype, mat_dtype = _dtypes(twiddle, x_witness)
+  sizes, passes = _generic_plan(twiddle.shape[2], twiddle.shape[1], increasing_stride)
+  mats, mats_vjp = jax.vjp(lambda t: _generic_mats(t, mat_dtype, sizes, passes), twiddle)
+  b, c = gy.shape[0], twiddle.shape[0]
+  g = gy.astype(dtype).reshape((b, c) + tuple(sizes[k] for k in _natural(len(sizes))))
+  dmats = [None] * len(passes)
+  for i in reversed(range(len(passes))):
+    # The forward half of this vjp is dead code (its output is not used).
+    _, pullback = jax.vjp(functools.partial(_generic_pass, passes[i][-1], dtype=dtype),
+                          mats[i], hs[i])
+    dmats[i], g = pullback(g)
+  (dtwiddle,) = mats_vjp(dmats)
+  return _cotangent(dtwiddle, twiddle.dtype), _cotangent(g.reshape(b, -1), x_witness.dtype)
+
+
+# ------------------------------------------------------------------ platform switch
+#
+# ``jax.lax.platform_dependent`` lowers, even for a single platform, to a conditional that
+# maps the (constant) platform index onto the kept branch, plus a one-branch conditional:
+# compilers fold both, but the module still holds multi-branch ``stablehlo.case`` ops. The
+# primitive below has per-platform lowering rules instead, so a module lowered for one
+# platform holds exactly one implementation and no conditional (for several platforms at
+# once JAX dispatches the rules on the platform index itself). Its differentiation rule
+# falls back to ``platform_dependent``: first-order reverse mode never reaches it (the
+# custom VJP of ``_auto`` calls the primitive separately for the forward and the backward),
+# higher orders (e.g. GraSP's Hessian-gradient product) get the constant-index conditional.
+
+_platform_call_p = jax.extend.core.Primitive("butterfly_platform_call")
+_platform_call_p.multiple_results = True
+
+
+def _platform_call(*args, cpu, default):
+  """``cpu(*args)`` where lowered for CPU, ``default(*args)`` elsewhere; both branches must
+  return the same pytree of arrays with the same shapes and dtypes, and must not close over
+  arrays (they are traced to jaxprs of ``args`` alone)."""
+  flat, in_tree = jax.tree.flatten(args)
+  flat_fn = lambda fn: (lambda *leaves: fn(*jax.tree.unflatten(in_tree, leaves)))
+  avals = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in flat]
+  cj, c_out = jax.make_jaxpr(flat_fn(cpu), return_shape=True)(*avals)
+  dj, d_out = jax.make_jaxpr(flat_fn(default), return_shape=True)(*avals)
+  if jax.tree.structure(c_out) != jax.tree.structure(d_out) or [
+      (o.shape, o.dtype) for o in jax.tree.leaves(c_out)] != [
+      (o.shape, o.dtype) for o in jax.tree.leaves(d_out)]:
+    raise TypeError(f"_platform_call: branches differ: {c_out} vs {d_out}")
+  outs = _platform_call_p.bind(*flat, cpu=cj, default=dj)
+  return jax.tree.unflatten(jax.tree.structure(c_out), outs)
+
+
+def _platform_call_impl(*args, cpu, default):
+  """Eager evaluation (outside jit, e.g. under ``jax.disable_jit``): by the arguments' devices."""
+  platforms = {d.platform for a in args if isinstance(a, jax.Array) for d in a.devices()}
+  use_cpu = platforms == {"cpu"} if platforms else jax.default_backend() == "cpu"
+  return jax.extend.core.jaxpr_as_fun(cpu if use_cpu else default)(*args)
+
+
+def _platform_call_lowering(ctx, *args, cpu, default, use_cpu: bool):
+  fn = jax.extend.core.jaxpr_as_fun(cpu if use_cpu else default)
+  return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+
+def _platform_call_jvp(primals, tangents, *, cpu, default):
+  tangents = [ad.instantiate_zeros(t) for t in tangents]
+  fn = lambda *a: jax.lax.platform_dependent(
+      *a, cpu=jax.extend.core.jaxpr_as_fun(cpu), default=jax.extend.core.jaxpr_as_fun(default))
+  return jax.jvp(fn, tuple(primals), tuple(tangents))
+
+
+def _platform_call_batch(args, dims, *, cpu, default):
+  vm = lambda j: jax.vmap(jax.extend.core.jaxpr_as_fun(j), in_axes=tuple(dims), out_axes=0)
+  outs = _platform_call(*args, cpu=vm(cpu), default=vm(default))
+  return outs, [0] * len(outs)
+
+
+_platform_call_p.def_impl(_platform_call_impl)
+_platform_call_p.def_abstract_eval(lambda *avals, cpu, default: cpu.out_avals)
+mlir.register_lowering(_platform_call_p,
+                       functools.partial(_platform_call_lowering, use_cpu=False))
+mlir.register_lowering(_platform_call_p,
+                       functools.partial(_platform_call_lowering, use_cpu=True), platform="cpu")
+ad.primitive_jvps[_platform_call_p] = _platform_call_jvp
+batching.primitive_batchers[_platform_call_p] = _platform_call_batch
+
+
+def _with_zeros(fn, shapes_a, shapes_b, first: bool):
+  """fn(*a) -> (y, res); returns (y, res, zeros like the other branch's res) or (y, zeros,
+  res): the two branches of a platform call must return the same residual structure."""
+  def wrapped(*args):
+    y, res = fn(*args)
+    other = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes_b if first else shapes_a)
+    return (y, res, other) if first else (y, other, res)
+  return wrapped
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _auto(twiddle, x, increasing_stride):
+  return _platform_call(twiddle, x,
+                        cpu=lambda t, v: _butterfly(t, v, increasing_stride),
+                        default=lambda t, v: _generic(t, v, increasing_stride))
+
+
+def _auto_fwd(twiddle, x, increasing_stride):
+  cpu = lambda t, v: (lambda out: (out[0], out[1][1]))(_butterfly_fwd(t, v, increasing_stride))
+  gen = lambda t, v: _generic_fwd(t, v, increasing_stride)
+  res_cpu = jax.eval_shape(cpu, twiddle, x)[1]
+  res_gen = jax.eval_shape(gen, twiddle, x)[1]
+  y, hs_cpu, hs_gen = _platform_call(twiddle, x, cpu=_with_zeros(cpu, res_cpu, res_gen, True),
+                                     default=_with_zeros(gen, res_cpu, res_gen, False))
+  return y, (twiddle, hs_cpu, hs_gen, jnp.zeros((), x.dtype))
+
+
+def _auto_bwd(increasing_stride, res, gy):
+  twiddle, hs_cpu, hs_gen, x_witness = res
+  cpu = lambda t, hc, hg, w, g: _butterfly_bwd(increasing_stride, (t, hc, w), g)
+  gen = lambda t, hc, hg, w, g: _generic_bwd(t, w, hg, g, increasing_stride)
+  return _platform_call(twiddle, hs_cpu, hs_gen, x_witness, gy, cpu=cpu, default=gen)
+
+
+_auto.defvjp(_auto_fwd, _auto_bwd)
+
+
+# ------------------------------------------------------------------ public API
+
+IMPLS = ("auto", "cpu", "generic")
+
+
+def check_impl(impl: str, who: str = "butterfly_multiply") -> str:
+  """Returns ``impl`` if it names an implementation, else raises one clear ValueError."""
+  if not isinstance(impl, str) or impl not in IMPLS:
+    raise ValueError(f"{who}: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+  return impl
+
+
+@functools.partial(jax.jit, static_argnames=("increasing_stride", "impl"))
+def butterfly_multiply(twiddle: jax.Array, x: jax.Array, increasing_stride: bool = True,
+                       impl: str = "auto") -> jax.Array:
   """Applies a butterfly matrix: x (batch, n) -> (batch, nstacks * n).
 
   twiddle (nstacks, nblocks, log2 n, n/2, 2, 2), real or complex; x real or complex; the
-  result has dtype ``result_type(twiddle, x)``. Differentiable in reverse mode (custom VJP)
-  w.r.t. both arguments. Raises ValueError for a non-2-D x, n not a power of 2, or a twiddle
-  shape that does not match n.
+  result has dtype ``result_type(twiddle, x)``. ``impl`` (static): "auto" (CPU-tuned passes
+  when lowered for CPU, the generic ones elsewhere), "cpu" or "generic" (module docstring).
+  Differentiable in reverse mode w.r.t. both arguments, to any order; forward mode
+  (``jax.jvp`` of the multiply itself) only with impl="generic" (the other two have a
+  custom VJP; forward-over-reverse, e.g. Hessian-vector products, works with every impl).
+  Raises ValueError for a non-2-D x, n not a power of 2, a twiddle shape that does not match
+  n, or an unknown impl.
   """
+  check_impl(impl)
   _check(twiddle, x)
-  return _butterfly(twiddle, x, bool(increasing_stride))
+  inc = bool(increasing_stride)
+  if impl == "cpu":
+    return _butterfly(twiddle, x, inc)
+  if impl == "generic":
+    return _generic(twiddle, x, inc)
+  return _auto(twiddle, x, inc)
 
 
 def butterfly_multiply_reference(twiddle: jax.Array, x: jax.Array,
@@ -541,8 +777,9 @@ def butterfly_multiply_reference(twiddle: jax.Array, x: jax.Array,
   return y.reshape(b, nstacks * n)
 
 
-def butterfly_to_dense(twiddle: jax.Array, increasing_stride: bool = True) -> jax.Array:
+def butterfly_to_dense(twiddle: jax.Array, increasing_stride: bool = True,
+                       impl: str = "auto") -> jax.Array:
   """Materialises the butterfly as a (nstacks * n, n) matrix M with y = x @ M.T."""
   n = 2 * twiddle.shape[3]
   eye = jnp.eye(n, dtype=twiddle.dtype)
-  return butterfly_multiply(twiddle, eye, increasing_stride).T
+  return butterfly_multiply(twiddle, eye, increasing_stride, impl).T

@@ -9,6 +9,10 @@ FLOP convention (``flops_per_example``, multiply-adds): dense ``in * out``; a bu
 ``c * b * log2(n) * 2n``; bias ``out``. A multiply-add with complex numbers counts as 4 real
 ones (also for a complex twiddle acting on a real input, an upper bound).
 
+Implementation switch: every layer has ``impl`` ("auto" default, "cpu", "generic"), passed
+to ``butterfly_multiply``: "auto" lowers the CPU-tuned passes on CPU and the portable ones on
+GPU / TPU; the other two force one (tests run both on CPU).
+
 Complex twiddles and optimizers: for a real loss, ``jax.grad`` w.r.t. a complex parameter
 returns the *conjugate* of the steepest-ascent direction, and optax (which does not conjugate)
 would then climb along the imaginary parts. Every complex twiddle is therefore used through
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bfprune.structured import inits
-from bfprune.structured.butterfly import butterfly_multiply, butterfly_to_dense
+from bfprune.structured.butterfly import butterfly_multiply, butterfly_to_dense, check_impl
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -113,6 +117,7 @@ def _butterfly_dense(mdl: nn.Module, x: jax.Array, nblocks: int, increasing_stri
   ceil(features / n) stacks, keep the first ``features`` outputs, add the bias.
   """
   who = type(mdl).__name__
+  impl = check_impl(mdl.impl, who)
   if x.ndim < 1:
     raise ValueError(f"{who}: input must have a feature axis, got a scalar")
   if nblocks < 1:
@@ -132,7 +137,7 @@ def _butterfly_dense(mdl: nn.Module, x: jax.Array, nblocks: int, increasing_stri
     x2 = jnp.pad(x2, ((0, 0), (0, n - in_features)))
   if bit_reversal:
     x2 = x2[:, inits.bit_reversal(n)]
-  y = butterfly_multiply(_use_twiddle(twiddle), x2, increasing_stride)[:, :mdl.features]
+  y = butterfly_multiply(_use_twiddle(twiddle), x2, increasing_stride, impl)[:, :mdl.features]
   if _is_complex(y.dtype) and not getattr(mdl, "return_complex", False):
     y = y.real
   if mdl.use_bias:
@@ -159,6 +164,8 @@ class ButterflyDense(nn.Module):
       what a real network needs; the bias is real either way).
     bit_reversal: permute the padded input by bit reversal first; None means
       "iff twiddle_init='fft'".
+    impl: butterfly implementation, "auto" (by platform), "cpu" or "generic" (see
+      ``butterfly.butterfly_multiply``); same function either way.
   """
   features: int
   nblocks: int = 1
@@ -170,6 +177,7 @@ class ButterflyDense(nn.Module):
   bit_reversal: Optional[bool] = None
   param_dtype: Dtype = jnp.float32
   bias_init: Initializer = nn.initializers.zeros
+  impl: str = "auto"
 
   def _complex(self) -> bool:
     if self.complex_twiddle is not None:
@@ -194,7 +202,8 @@ class KMatrixDense(nn.Module):
   A decreasing-stride butterfly followed by an increasing-stride one (B B*-shaped), i.e. the
   butterfly layout with ``nblocks = 2 * width`` and ``increasing_stride=False`` (blocks
   alternate direction). Padding, stacking, cutting and params as ``ButterflyDense``.
-  Real twiddles (twiddle_init 'random', 'orthogonal', 'identity' or a callable).
+  Real twiddles (twiddle_init 'random', 'orthogonal', 'identity' or a callable). ``impl``
+  as in ``ButterflyDense``.
   """
   features: int
   width: int = 1
@@ -202,6 +211,7 @@ class KMatrixDense(nn.Module):
   twiddle_init: str | TwiddleInit = "random"
   param_dtype: Dtype = jnp.float32
   bias_init: Initializer = nn.initializers.zeros
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -218,7 +228,7 @@ class FactorizedDense(nn.Module):
   """KMatrixDense when the layer is square (in == features), ButterflyDense otherwise.
 
   The input size is only known at call time, so the choice is made there; params are those
-  of the chosen layer (``twiddle``, ``bias``).
+  of the chosen layer (``twiddle``, ``bias``). ``impl`` as in ``ButterflyDense``.
   """
   features: int
   width: int = 1
@@ -227,6 +237,7 @@ class FactorizedDense(nn.Module):
   twiddle_init: str | TwiddleInit = "random"
   param_dtype: Dtype = jnp.float32
   bias_init: Initializer = nn.initializers.zeros
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -269,10 +280,11 @@ def _matmul_axis(m: jax.Array, x: jax.Array, axis: int) -> jax.Array:
   return jnp.moveaxis(jnp.tensordot(m, x, axes=([1], [axis])), 0, axis)
 
 
-def _butterfly_axis(t: jax.Array, x: jax.Array, axis: int, increasing: bool) -> jax.Array:
+def _butterfly_axis(t: jax.Array, x: jax.Array, axis: int, increasing: bool,
+                    impl: str) -> jax.Array:
   """Applies the butterfly ``t`` along ``axis`` of x without materialising it."""
   xm = jnp.moveaxis(x, axis, -1)
-  y = butterfly_multiply(t, xm.reshape((-1, xm.shape[-1])), increasing)
+  y = butterfly_multiply(t, xm.reshape((-1, xm.shape[-1])), increasing, impl)
   return jnp.moveaxis(y.reshape(xm.shape), -1, axis)
 
 
@@ -354,6 +366,8 @@ class KOPS2D(nn.Module):
     materialize: multiply by the dense n x n matrix of each butterfly (one GEMM per axis, fast
       for the small n of CIFAR) instead of applying its log2 n factors; None = when n <= 64.
       Same function either way.
+    impl: butterfly implementation, "auto" (by platform), "cpu" or "generic" (see
+      ``butterfly.butterfly_multiply``); same function either way.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -365,6 +379,7 @@ class KOPS2D(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
   param_dtype: Dtype = jnp.float32
   materialize: Optional[bool] = None
+  impl: str = "auto"
 
   def _kops_init(self, init: str | TwiddleInit, increasing: bool) -> TwiddleInit:
     if init == "fft":
@@ -384,6 +399,7 @@ class KOPS2D(nn.Module):
                        f"{self.kernel_size}, {self.nblocks}")
     _, h, w, cin = x.shape
     _check_spatial("KOPS2D", h, w)
+    impl = check_impl(self.impl, "KOPS2D")
     cdtype = _complex_dtype(self.param_dtype)
     fwd = self._kops_init(self.twiddle_init, False)
     inv = self._kops_init(self.inverse_init, True)
@@ -398,19 +414,20 @@ class KOPS2D(nn.Module):
     # needs just those columns of C_h (repeated rows add up, as wrap-around demands).
     rows = (((kh - 1) // 2 - np.arange(kh)) % h)
     cols = (((kw - 1) // 2 - np.arange(kw)) % w)
-    ch = butterfly_multiply(tw["kernel_h"], jnp.eye(h, dtype=cdtype)[rows], False)  # (kh, H)
-    cw = butterfly_multiply(tw["kernel_w"], jnp.eye(w, dtype=cdtype)[cols], False)  # (kw, W)
+    ch = butterfly_multiply(tw["kernel_h"], jnp.eye(h, dtype=cdtype)[rows], False, impl)  # (kh, H)
+    cw = butterfly_multiply(tw["kernel_w"], jnp.eye(w, dtype=cdtype)[cols], False, impl)  # (kw, W)
     coef = jnp.einsum("au,bv->uvab", ch, cw).reshape(h * w, kh * kw)   # complex, tiny
 
     materialize = max(h, w) <= 64 if self.materialize is None else self.materialize
     if materialize:
-      mats = {k: butterfly_to_dense(t, k.startswith("output")) for k, t in tw.items()}
+      mats = {k: butterfly_to_dense(t, k.startswith("output"), impl) for k, t in tw.items()}
       y = _kops_dense(x, mats, coef, kernel.reshape(kh * kw, cin * self.features))
     else:
       khat = (coef @ kernel.reshape(kh * kw, -1).astype(cdtype)).reshape(h, w, cin, -1)
-      xf = _butterfly_axis(tw["input_w"], _butterfly_axis(tw["input_h"], x, 1, False), 2, False)
+      bfa = functools.partial(_butterfly_axis, impl=impl)
+      xf = bfa(tw["input_w"], bfa(tw["input_h"], x, 1, False), 2, False)
       y = jnp.einsum("buvi,uvio->buvo", xf, khat)
-      y = _butterfly_axis(tw["output_w"], _butterfly_axis(tw["output_h"], y, 1, True), 2, True)
+      y = bfa(tw["output_w"], bfa(tw["output_h"], y, 1, True), 2, True)
       y = y.real
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
