@@ -834,14 +834,15 @@ def sharded_losses(model_name: str, devices: list, steps: int = 3, per_device: i
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from bfprune import data as data_lib
   from bfprune import models, train
   from bfprune.pruning import masks as masks_lib
+  # No dropout / augmentation: bfprune.train draws their random numbers per device slice, so
+  # with them the numbers depend on the device count; without, they agree to float rounding.
   if model_name == "fc":
-    model, shape, augment = models.FC(), (28, 28, 1), None
+    model, shape, augment = models.FC(dropout_rate=0.0), (28, 28, 1), None
   else:
-    model, shape, augment = (models.VGG16(plan=(16, "M", 32, "M", 32)), (32, 32, 3),
-                             data_lib.augment_cifar)
+    model, shape, augment = (models.VGG16(plan=(16, "M", 32, "M", 32), dropout_rate=0.0),
+                             (32, 32, 3), None)
   nd = len(devices)
   batch = per_device * nd
   rng = np.random.default_rng(0)
