@@ -20,9 +20,10 @@
     (3 Cin, 3 Cout) product holding all nine taps; at 4x4 the nine-tap im2col patches
     (c, H, W, 9 Cin) against the output gradient; at 2x2 XLA's own kernel gradient (fast there).
 
-* ``"auto"`` (default): ``"cpu"`` when the computation runs on a CPU, ``"generic"`` elsewhere,
-  chosen by ``lax.platform_dependent`` (a program lowered for one platform contains only that
-  platform's branch, e.g. an export for CUDA).
+* ``"auto"`` (default): ``"cpu"`` in a program lowered for a CPU, ``"generic"`` elsewhere
+  (``bfprune.platform.platform_call`` for the forward and for the backward pass, so a program
+  lowered for one platform, e.g. a CUDA export, holds only that platform's code and no
+  conditional).
 
 All three compute the same function; the custom VJP is differentiable again (its backward pass
 is made of convolutions, pads, concatenations and matmuls), so forward-over-reverse products such
@@ -37,6 +38,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from bfprune.platform import platform_call
 
 IMPLS = ("auto", "cpu", "generic")
 # H * W up to which the CPU path's forward / input gradient is one im2col matmul (2x2 layers).
@@ -166,22 +169,43 @@ def transposed_kernel(kernel: jax.Array) -> jax.Array:
   return kernel[::-1, ::-1].transpose(0, 1, 3, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_cpu(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
-  return _forward_cpu(x, kernel, precision)
-
-
-def _conv_cpu_fwd(x, kernel, precision):
-  return _forward_cpu(x, kernel, precision), (x, kernel)
-
-
-def _conv_cpu_bwd(precision, res, dy):
-  x, kernel = res
+def _backward_cpu(x, kernel, dy, precision=None):
   dx = _forward_cpu(dy, transposed_kernel(kernel), precision)
   return dx, kernel_grad(x, dy, precision).astype(kernel.dtype)
 
 
-_conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
+def _backward_generic(x, kernel, dy, precision=None):
+  """What autodiff of ``xla_conv`` computes: XLA's input- and kernel-gradient convolutions."""
+  return jax.vjp(lambda x, k: xla_conv(x, k, precision), x, kernel)[1](dy)
+
+
+def _forward(x, kernel, impl, precision):
+  if impl == "cpu":
+    return _forward_cpu(x, kernel, precision)
+  return platform_call(x, kernel, cpu=functools.partial(_forward_cpu, precision=precision),
+                       default=functools.partial(xla_conv, precision=precision))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: jax.Array, kernel: jax.Array, impl: str, precision) -> jax.Array:
+  return _forward(x, kernel, impl, precision)
+
+
+def _conv_fwd(x, kernel, impl, precision):
+  return _forward(x, kernel, impl, precision), (x, kernel)
+
+
+def _conv_bwd(impl, precision, res, dy):
+  x, kernel = res
+  if impl == "cpu":
+    return _backward_cpu(x, kernel, dy, precision)
+  # Forward and backward are separate platform calls, so a first-order gradient lowered for
+  # one platform holds no conditional.
+  return platform_call(x, kernel, dy, cpu=functools.partial(_backward_cpu, precision=precision),
+                       default=functools.partial(_backward_generic, precision=precision))
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "auto",
@@ -193,8 +217,4 @@ def conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "auto",
   _check(x, kernel)
   if impl == "generic":
     return xla_conv(x, kernel, precision)
-  if impl == "cpu":
-    return _conv_cpu(x, kernel, precision)
-  return lax.platform_dependent(
-      x, kernel, cpu=lambda x, k: _conv_cpu(x, k, precision),
-      default=lambda x, k: xla_conv(x, k, precision))
+  return _conv(x, kernel, impl, precision)
