@@ -12,10 +12,15 @@ Differentiation: the JVP rule falls back to ``platform_dependent`` of the two fu
 (a constant-index conditional), so higher-order derivatives work everywhere. Code that wants
 conditional-free first-order gradients wraps the call in a ``jax.custom_vjp`` whose forward and
 backward passes are themselves ``platform_call``s (see ``bfprune.conv``).
+
+``keep_freed_memory`` is a CPU runtime knob of the same kind: an opt-in process setting.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import sys
 from typing import Any, Callable
 
 import jax
@@ -82,3 +87,32 @@ mlir.register_lowering(_platform_call_p, functools.partial(_lowering, use_cpu=Tr
                        platform="cpu")
 ad.primitive_jvps[_platform_call_p] = _jvp
 batching.primitive_batchers[_platform_call_p] = _batch
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+
+
+def keep_freed_memory() -> bool:
+  """Makes glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
+
+  XLA:CPU allocates a jitted step's temporaries afresh on every call (0.76 GB for a VGG16 train
+  step at batch 256). glibc serves blocks over 32 MB by ``mmap`` and unmaps them on free, so
+  every step page-faults (and the kernel zeroes) all of it again: 0.55 s of system time per
+  VGG16 step on a 2-core x86-64 CPU, ~9% of the step. With one malloc arena, no ``mmap``
+  blocks and no trimming below 2 GB of free heap, the second step reuses the first one's pages
+  (system time 0.01 s per step). The cost: the process keeps its peak heap until it exits.
+
+  Process-wide and opt-in; call it before JAX's first computation (later, the threads that
+  already own a malloc arena keep it). Returns whether it was applied (Linux with glibc only).
+  """
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
+              (_M_TOP_PAD, 64 << 20))
+  return all(mallopt(param, value) == 1 for param, value in settings)

@@ -15,6 +15,9 @@ dropout 0.1, 2x2 max-pools, a 2x2 average pool, one 512->10 linear; no BatchNorm
 ``torch.set_num_threads(<cores>)``. The two are timed alternately, chunk by chunk, in one process
 so both see the same machine load; the ratio ``bfprune / torch`` is printed per model. PyTorch
 comes from the ``bench`` extra (``pip install -e .[bench]``).
+
+By default the process first calls ``bfprune.platform.keep_freed_memory()`` (malloc reuses
+freed memory; it applies to both frameworks); ``--nokeep_freed_memory`` measures without it.
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ flags.DEFINE_integer("batch_size", 256, "Batch size")
 flags.DEFINE_string("factorize", "none", "none | head | all (layers of the benchmarked model)")
 flags.DEFINE_bool("compare_torch", False, "Also time the same train step in PyTorch (CPU) in "
                   "the same run and print the ratio")
+flags.DEFINE_bool("keep_freed_memory", True, "bfprune.platform.keep_freed_memory() first: "
+                  "malloc reuses freed memory instead of page-faulting each step's temporaries "
+                  "anew (process-wide: applies to PyTorch too)")
 
 
 class Bench:
@@ -172,6 +178,8 @@ def default_steps(name: str) -> int:
 
 def main(argv):
   del argv
+  from bfprune import platform
+  kept = FLAGS.keep_freed_memory and platform.keep_freed_memory()  # before JAX's first use
   import jax
   names = [m.strip() for m in FLAGS.models.split(",") if m.strip()]
   for m in names:
@@ -182,7 +190,7 @@ def main(argv):
   with_torch = FLAGS.compare_torch and torch_available()
   load = os.getloadavg()[0]
   print(f"jax {jax.__version__}, devices {jax.devices()}, {os.cpu_count()} cores, "
-        f"load average {load:.1f}")
+        f"load average {load:.1f}, keep_freed_memory {kept}")
   if FLAGS.compare_torch and not with_torch:
     print("--compare_torch: PyTorch is not installed (pip install -e .[bench]); "
           "bfprune's columns only")
