@@ -13,11 +13,15 @@ tables refer to them by stable names.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from bfprune import conv as conv_lib
 
 LayerFn = Callable[..., nn.Module]
 
@@ -25,23 +29,18 @@ LayerFn = Callable[..., nn.Module]
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 dense_layer: LayerFn = nn.Dense
-# Spatial sizes (H * W) up to which Conv3x3 computes by im2col. Measured here (batch 256, 512
-# channels, forward+backward): 2x2 5.1 s by XLA conv vs 0.11 s by im2col; 4x4 0.63 s vs 0.62 s.
-IM2COL_MAX_PIXELS = 4
 
 
 class Conv3x3(nn.Conv):
-  """A 3x3, stride-1, zero-padded "same" ``nn.Conv`` that switches to im2col at small sizes.
+  """A 3x3, stride-1, zero-padded "same" ``nn.Conv`` computed by ``bfprune.conv.conv3x3``.
 
   Same parameters (``kernel`` (3, 3, Cin, Cout), ``bias`` (Cout,)), same outputs and the same
-  FLOP accounting as ``nn.Conv(features, (3, 3), padding=1)``. At H * W <= ``im2col_max_pixels``
-  the convolution is one matmul of the nine shifted copies of the input, (N*H*W, 9*Cin) @
-  (9*Cin, Cout), because XLA:CPU's convolution is pathologically slow there (VGG16's 2x2 convs:
-  seconds per batch against tens of milliseconds as a matmul, forward and backward). Larger
-  inputs use ``lax.conv_general_dilated`` (im2col would multiply their activation memory by 9).
-  Input NHWC (batch, H, W, Cin); output (batch, H, W, features).
+  FLOP accounting as ``nn.Conv(features, (3, 3), padding=1)``. ``impl`` ("auto" | "cpu" |
+  "generic", see ``bfprune.conv``) picks the computation: on a CPU, "auto" uses formulations
+  tuned for XLA:CPU (im2col at 2x2, a chunked-matmul kernel gradient), elsewhere XLA's
+  convolution. Input NHWC (batch, H, W, Cin); output (batch, H, W, features).
   """
-  im2col_max_pixels: int = IM2COL_MAX_PIXELS
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -54,21 +53,96 @@ class Conv3x3(nn.Conv):
           f"{self.kernel_size}, strides={self.strides}, padding={self.padding}")
     if inputs.ndim != 4:
       raise ValueError(f"Conv3x3 expects NHWC input (batch, H, W, C), got shape {inputs.shape}")
-    _, h, w, cin = inputs.shape
+    if self.impl not in conv_lib.IMPLS:
+      raise ValueError(f"Conv3x3 impl must be one of {conv_lib.IMPLS}, got {self.impl!r}")
+    cin = inputs.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (3, 3, cin, self.features),
                         self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    if h * w <= self.im2col_max_pixels:
-      xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      cols = jnp.concatenate([xp[:, a:a + h, b:b + w] for a in range(3) for b in range(3)], -1)
-      y = cols @ kernel.reshape(9 * cin, self.features)
-    else:
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       precision=self.precision)
+    y = conv_lib.conv3x3(x, kernel, impl=self.impl, precision=self.precision)
     return y if bias is None else y + bias
+
+
+DROPOUT_IMPLS = ("hash", "jax")
+_GOLDEN = 0x9E3779B9
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+  """A bijective 32-bit finalizer (xor-shift / multiply rounds) that spreads every input bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def hash_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """uint32 pseudo-random bits of ``shape``: a keyed hash of each element's flat index.
+
+  Two mixing rounds, the first on index * golden-ratio + key word 0, the second after xoring key
+  word 1. Counter-based like ``jax.random`` (same key, same bits, on every backend), but one
+  fused elementwise expression: on XLA:CPU ~7x cheaper than ``jax.random.bernoulli`` (threefry),
+  whose cost is that of a VGG16 convolution per step. Not a cryptographic generator.
+  """
+  size = math.prod(shape)
+  if size >= 1 << 32:
+    raise ValueError(f"hash_bits: {size} elements exceed the 2**32 counter range")
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  data = data.reshape(-1).astype(jnp.uint32)
+  idx = lax.iota(jnp.uint32, size).reshape(tuple(shape)) if size else jnp.zeros(shape, jnp.uint32)
+  h = _mix32(idx * jnp.uint32(_GOLDEN) + data[0])
+  return _mix32(h ^ data[-1])
+
+
+class Dropout(nn.Module):
+  """Inverted dropout like ``nn.Dropout``: zeroes each element with probability ``rate`` and
+  scales the rest by 1 / (1 - rate); the identity when ``deterministic``.
+
+  ``impl="hash"`` draws the keep mask from ``hash_bits`` (keep iff bits < (1 - rate) * 2**32),
+  ``"jax"`` from ``jax.random.bernoulli`` exactly as ``nn.Dropout``. Both take the key from the
+  ``dropout`` rng collection, so the same key gives the same mask.
+  """
+  rate: float
+  impl: str = "hash"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if self.impl not in DROPOUT_IMPLS:
+      raise ValueError(f"Dropout impl must be one of {DROPOUT_IMPLS}, got {self.impl!r}")
+    if deterministic or self.rate == 0:
+      return x
+    if self.rate == 1:
+      return jnp.zeros_like(x)
+    keep = 1.0 - self.rate
+    key = self.make_rng("dropout")
+    if self.impl == "jax":  # nn.Dropout's draw (same module path, so the same masks)
+      mask = jax.random.bernoulli(key, keep, x.shape)
+    else:
+      threshold = min(round(keep * 2.0 ** 32), (1 << 32) - 1)
+      mask = hash_bits(key, x.shape) < jnp.uint32(threshold)
+    return lax.select(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 stride-2 max-pool of NHWC x (odd trailing rows / columns dropped, as ``nn.max_pool``).
+
+  A reshape and a max: its gradient is elementwise and fuses, where ``nn.max_pool``'s
+  (reduce-window with index tracking, then a scatter) cost as much as a convolution on XLA:CPU.
+  Ties share the gradient equally instead of going to one element (after ReLU / dropout the
+  tied inputs are zeros, whose gradient is zero either way).
+  """
+  n, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 stride-2 average pool of NHWC x, like ``nn.avg_pool(x, (2, 2), strides=(2, 2))``."""
+  n, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
 conv3x3: LayerFn = functools.partial(
@@ -91,13 +165,14 @@ class FC(nn.Module):
   dropout_rate: float = 0.1
   dense: LayerFn = dense_layer
   head: LayerFn = dense_layer
+  dropout_impl: str = "hash"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.reshape((x.shape[0], -1))
     for i, width in enumerate(self.hidden):
       x = nn.relu(self.dense(width, name=f"fc{i + 1}")(x))
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = Dropout(self.dropout_rate, self.dropout_impl)(x, deterministic=not train)
     return self.head(self.num_classes, name="head")(x)
 
 
@@ -114,21 +189,22 @@ class VGG16(nn.Module):
   dropout_rate: float = 0.1
   conv: LayerFn = conv3x3
   head: LayerFn = kaiming_dense
+  dropout_impl: str = "hash"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     i = 0
     for item in self.plan:
       if item == "M":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
         continue
       i += 1
       x = self.conv(int(item), name=f"conv{i}")(x)
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, name=f"bn{i}")(x)
       x = nn.relu(x)
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+      x = Dropout(self.dropout_rate, self.dropout_impl)(x, deterministic=not train)
+    x = avg_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     return self.head(self.num_classes, name="head")(x)
 

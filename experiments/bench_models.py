@@ -5,11 +5,12 @@ r"""Inference time of VGG16 on CIFAR-10-shaped data: dense vs every layer struct
 
 Variants (same code path as sweep.py's ``inference_seconds``: ``Trainer.evaluate`` over the
 images padded to whole batches, jitted and warmed up, median of ``--repeats``):
-* ``dense``: the library's VGG16 (``models.conv3x3``: XLA convolution, but im2col at 2x2
-  spatial size, conv11-13, where XLA:CPU's convolution is pathologically slow);
+* ``dense``: the library's VGG16 (``models.conv3x3``, ``impl="auto"``: on a CPU XLA
+  convolution, but im2col at 2x2 spatial size, conv11-13, where XLA:CPU's convolution is
+  pathologically slow);
 * ``all``: the ``--factorize=all`` model (every conv a KOPS2D, dense layers butterfly);
-* ``dense_xla``: the dense VGG16 with XLA's convolution everywhere (same function, same
-  params), i.e. a plain ``nn.Conv`` VGG16: ~60x slower than im2col at 2x2 on CPU, which
+* ``dense_xla``: the dense VGG16 with XLA's convolution everywhere (``impl="generic"``, same
+  function, same params), i.e. a plain ``nn.Conv`` VGG16: ~60x slower than im2col at 2x2 on CPU, which
   flatters the ratio.
 
 Prints wall time and process CPU time (CPU time is steadier on a shared machine) and the
@@ -45,14 +46,25 @@ def xla_conv() -> Callable:
   """Constructor: the VGG16 conv computed by XLA's convolution at every spatial size."""
   import functools
   from bfprune import models
-  return functools.partial(models.conv3x3, im2col_max_pixels=0)
+  return functools.partial(models.conv3x3, impl="generic")
 
 
 def im2col_conv() -> Callable:
-  """Constructor: the VGG16 conv computed by im2col at every spatial size."""
-  import functools
+  """Constructor: a 3x3 conv (kernel and bias) computed by im2col at every spatial size."""
+  import flax.linen as nn
+  from bfprune import conv as conv_lib
   from bfprune import models
-  return functools.partial(models.conv3x3, im2col_max_pixels=1 << 62)
+
+  class Im2colConv(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+      k = self.param("kernel", models.kaiming_normal, (3, 3, x.shape[-1], self.features))
+      b = self.param("bias", nn.initializers.zeros, (self.features,))
+      return conv_lib.im2col_conv(x, k) + b
+
+  return Im2colConv
 
 
 def build(variant: str, factorize_with: str):

@@ -1,12 +1,27 @@
-r"""Examples/s of the jitted train step: FC on MNIST-shaped and VGG16 on CIFAR-10-shaped data.
+r"""Train-step time: FC on MNIST-shaped and VGG16 on CIFAR-10-shaped data, optionally vs PyTorch.
 
-  python experiments/bench_train.py [--models=fc,vgg16] [--steps=20] [--batch_size=256]
+  python experiments/bench_train.py [--models=fc,vgg16] [--steps=0] [--repeats=3] \
+      [--batch_size=256] [--factorize=none] [--compare_torch]
 
-Times whole jitted chunks of optimizer steps (the same code path sweep.py uses) after a warm-up
-chunk that compiles, on random inputs of the right shape (throughput does not depend on pixels).
+Times whole jitted chunks of optimizer steps, the code path sweep.py uses (``Trainer.train_steps``
+with ``--steps`` steps per call; 0 = sweep.py's chunk: 64 for the FC, 1 for VGG16), after a
+warm-up chunk that compiles, on random inputs of the right shape (throughput does not depend on
+pixels). ``step_ms`` is the median chunk time divided by its steps.
+
+``--compare_torch`` builds the same networks as a plain PyTorch ``nn.Sequential`` (FC: 784-100x5-10
+with ReLU and dropout 0.1; VGG16: the 13 3x3 convs of ``models.VGG16_PLAN`` with bias, ReLU and
+dropout 0.1, 2x2 max-pools, a 2x2 average pool, one 512->10 linear; no BatchNorm), trained with
+``torch.optim.Adam(lr=1e-3)`` and cross-entropy on the same batches, with
+``torch.set_num_threads(<cores>)``. The two are timed alternately, chunk by chunk, in one process
+so both see the same machine load; the ratio ``bfprune / torch`` is printed per model. PyTorch
+comes from the ``bench`` extra (``pip install -e .[bench]``).
+
+By default the process first calls ``bfprune.platform.keep_freed_memory()`` (malloc reuses
+freed memory; it applies to both frameworks); ``--nokeep_freed_memory`` measures without it.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -18,68 +33,190 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("models", "fc,vgg16", "Comma list of fc | vgg16")
-flags.DEFINE_integer("steps", 20, "Optimizer steps per timed chunk")
+flags.DEFINE_integer("steps", 0, "Optimizer steps per timed chunk (0: sweep.py's chunk, "
+                     "64 for fc, 1 for vgg16)")
 flags.DEFINE_integer("repeats", 3, "Timed chunks (median reported)")
 flags.DEFINE_integer("batch_size", 256, "Batch size")
 flags.DEFINE_string("factorize", "none", "none | head | all (layers of the benchmarked model)")
+flags.DEFINE_bool("compare_torch", False, "Also time the same train step in PyTorch (CPU) in "
+                  "the same run and print the ratio")
+flags.DEFINE_bool("keep_freed_memory", True, "bfprune.platform.keep_freed_memory() first: "
+                  "malloc reuses freed memory instead of page-faulting each step's temporaries "
+                  "anew (process-wide: applies to PyTorch too)")
 
 
-def bench(name: str, steps: int, repeats: int, batch: int, factorize: str) -> dict:
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from bfprune import data as data_lib
-  from bfprune import train
-  from bfprune.pruning import masks as masks_lib
-  from experiments.config import RunConfig
-  from experiments.pipeline import build_model
+class Bench:
+  """bfprune's train step for one model, ready to time chunk by chunk."""
 
-  dataset = "mnist" if name == "fc" else "cifar10"
-  cfg = RunConfig(dataset=dataset, model=name, factorize=factorize).validate()
-  model = build_model(cfg)
-  shape = (28, 28, 1) if name == "fc" else (32, 32, 3)
-  n = batch * steps
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(n,) + shape).astype(np.float32)
-  y = rng.integers(0, 10, n).astype(np.int32)
-  variables = model.init(jax.random.key(0), jnp.zeros((1,) + shape))
-  masks = masks_lib.ones_like(variables["params"])
-  tx = train.adam()
-  trainer = train.Trainer(model, tx, train.make_mesh(),
-                          augment=data_lib.augment_cifar if dataset == "cifar10" else None)
-  state = trainer.put(train.init_state(variables, masks, tx))
-  xs, ys, m = trainer.put((jnp.asarray(x), jnp.asarray(y), masks))
-  idx = np.arange(n).reshape(steps, batch)
-  key = jax.random.key(0)
-  t0 = time.perf_counter()
-  state, loss = trainer.train_steps(state, m, xs, ys, idx, key)
-  jax.block_until_ready(loss)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    state, loss = trainer.train_steps(state, m, xs, ys, idx, key)
+  def __init__(self, name: str, steps: int, batch: int, factorize: str):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from bfprune import data as data_lib
+    from bfprune import train
+    from bfprune.pruning import masks as masks_lib
+    from experiments.config import RunConfig
+    from experiments.pipeline import build_model
+
+    self.dataset = "mnist" if name == "fc" else "cifar10"
+    cfg = RunConfig(dataset=self.dataset, model=name, factorize=factorize).validate()
+    model = build_model(cfg)
+    self.shape = (28, 28, 1) if name == "fc" else (32, 32, 3)
+    n = batch * steps
+    rng = np.random.default_rng(0)
+    self.x = rng.normal(size=(n,) + self.shape).astype(np.float32)
+    self.y = rng.integers(0, 10, n).astype(np.int32)
+    self.idx = np.arange(n).reshape(steps, batch)
+    variables = model.init(jax.random.key(0), jnp.zeros((1,) + self.shape))
+    masks = masks_lib.ones_like(variables["params"])
+    tx = train.adam()
+    self.trainer = train.Trainer(
+        model, tx, train.make_mesh(),
+        augment=data_lib.augment_cifar if self.dataset == "cifar10" else None)
+    self.state = self.trainer.put(train.init_state(variables, masks, tx))
+    self.xs, self.ys, self.masks = self.trainer.put(
+        (jnp.asarray(self.x), jnp.asarray(self.y), masks))
+    self.key = jax.random.key(0)
+
+  def chunk(self) -> tuple[float, float]:
+    """Runs one chunk of steps; returns its (wall, process CPU) seconds."""
+    import jax
+    t0, c0 = time.perf_counter(), time.process_time()
+    self.state, loss = self.trainer.train_steps(self.state, self.masks, self.xs, self.ys,
+                                                self.idx, self.key)
     jax.block_until_ready(loss)
-    times.append(time.perf_counter() - t0)
-  t = statistics.median(times)
-  return {"model": f"{name}/{dataset}", "factorize": factorize, "batch": batch,
-          "step_ms": 1e3 * t / steps, "examples_per_s": n / t, "first_chunk_s": compile_s}
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def torch_sequential(name: str):
+  """The study's FC or VGG16 (no BatchNorm) as a plain ``torch.nn.Sequential`` (NCHW input)."""
+  from torch import nn
+  from bfprune import models
+  layers: list = []
+  if name == "fc":
+    layers.append(nn.Flatten())
+    d = 28 * 28
+    for width in models.FC_HIDDEN:
+      layers += [nn.Linear(d, width), nn.ReLU(), nn.Dropout(0.1)]
+      d = width
+    layers.append(nn.Linear(d, 10))
+  else:
+    c = 3
+    for item in models.VGG16_PLAN:
+      if item == "M":
+        layers.append(nn.MaxPool2d(2))
+        continue
+      layers += [nn.Conv2d(c, int(item), 3, padding=1), nn.ReLU(), nn.Dropout(0.1)]
+      c = int(item)
+    layers += [nn.AvgPool2d(2), nn.Flatten(), nn.Linear(c, 10)]
+  return nn.Sequential(*layers)
+
+
+class TorchBench:
+  """The same train step in PyTorch on the same batches (NHWC inputs transposed to NCHW once)."""
+
+  def __init__(self, name: str, bench: Bench):
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    self.model = torch_sequential(name).train()
+    self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+    x = torch.from_numpy(bench.x).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(bench.y).long()
+    self.batches = [(x[i], y[i]) for i in (torch.from_numpy(r) for r in bench.idx)]
+
+  def chunk(self) -> tuple[float, float]:
+    import torch.nn.functional as F
+    t0, c0 = time.perf_counter(), time.process_time()
+    for x, y in self.batches:
+      self.opt.zero_grad(set_to_none=True)
+      loss = F.cross_entropy(self.model(x), y)
+      loss.backward()
+      self.opt.step()
+    loss.item()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def run(name: str, steps: int, repeats: int, batch: int, factorize: str,
+        with_torch: bool) -> dict:
+  """Times bfprune (and PyTorch) alternately: one warm-up chunk each, then ``repeats`` each."""
+  b = Bench(name, steps, batch, factorize)
+  t = TorchBench(name, b) if with_torch else None
+  first = b.chunk()[0]
+  if t is not None:
+    t.chunk()
+  jt, tt = [], []
+  for _ in range(repeats):
+    jt.append(b.chunk())
+    if t is not None:
+      tt.append(t.chunk())
+  ms = lambda times, i: [1e3 * x[i] / steps for x in times]
+  r = {"model": f"{name}/{b.dataset}", "factorize": factorize, "batch": batch,
+       "step_ms": statistics.median(ms(jt, 0)), "cpu_ms": statistics.median(ms(jt, 1)),
+       "spread_ms": (min(ms(jt, 0)), max(ms(jt, 0))), "first_chunk_s": first}
+  r["examples_per_s"] = 1e3 * batch / r["step_ms"]
+  if t is not None:
+    r["torch_ms"] = statistics.median(ms(tt, 0))
+    r["torch_cpu_ms"] = statistics.median(ms(tt, 1))
+    r["torch_spread_ms"] = (min(ms(tt, 0)), max(ms(tt, 0)))
+    r["ratio"] = r["step_ms"] / r["torch_ms"]
+  return r
+
+
+def default_steps(name: str) -> int:
+  from experiments.pipeline import chunk_steps
+  return chunk_steps(name)
 
 
 def main(argv):
   del argv
+  from bfprune import platform
+  kept = FLAGS.keep_freed_memory and platform.keep_freed_memory()  # before JAX's first use
   import jax
   names = [m.strip() for m in FLAGS.models.split(",") if m.strip()]
   for m in names:
     if m not in ("fc", "vgg16"):
       sys.exit(f"bench_train.py: error: --models item {m!r} is not fc or vgg16")
-  print(f"jax {jax.__version__}, devices {jax.devices()}")
-  print(f"{'model':<14}{'factorize':<10}{'batch':>6}{'step ms':>10}{'examples/s':>12}"
-        f"{'1st chunk s':>13}")
+  if FLAGS.steps < 0 or FLAGS.repeats < 1 or FLAGS.batch_size < 1:
+    sys.exit("bench_train.py: error: --steps must be >= 0, --repeats and --batch_size >= 1")
+  with_torch = FLAGS.compare_torch and torch_available()
+  load = os.getloadavg()[0]
+  print(f"jax {jax.__version__}, devices {jax.devices()}, {os.cpu_count()} cores, "
+        f"load average {load:.1f}, keep_freed_memory {kept}")
+  if FLAGS.compare_torch and not with_torch:
+    print("--compare_torch: PyTorch is not installed (pip install -e .[bench]); "
+          "bfprune's columns only")
+  if with_torch:
+    import torch
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+  head = (f"{'model':<14}{'factorize':<10}{'batch':>6}{'step ms':>10}{'examples/s':>12}"
+          f"{'1st chunk s':>13}{'steps':>6}{'min-max ms':>20}{'CPU ms':>10}")
+  if with_torch:
+    head += f"{'torch ms':>10}{'torch min-max':>20}{'torch CPU':>10}{'ratio':>7}"
+  print(head)
   for m in names:
-    r = bench(m, FLAGS.steps, FLAGS.repeats, FLAGS.batch_size, FLAGS.factorize)
-    print(f"{r['model']:<14}{r['factorize']:<10}{r['batch']:>6}{r['step_ms']:>10.2f}"
-          f"{r['examples_per_s']:>12.0f}{r['first_chunk_s']:>13.1f}")
+    steps = FLAGS.steps or default_steps(m)
+    r = run(m, steps, FLAGS.repeats, FLAGS.batch_size, FLAGS.factorize, with_torch)
+    line = (f"{r['model']:<14}{r['factorize']:<10}{r['batch']:>6}{r['step_ms']:>10.2f}"
+            f"{r['examples_per_s']:>12.0f}{r['first_chunk_s']:>13.1f}{steps:>6}"
+            f"{'%.2f-%.2f' % r['spread_ms']:>20}{r['cpu_ms']:>10.1f}")
+    if with_torch:
+      line += (f"{r['torch_ms']:>10.2f}{'%.2f-%.2f' % r['torch_spread_ms']:>20}"
+               f"{r['torch_cpu_ms']:>10.1f}{r['ratio']:>7.2f}")
+    print(line, flush=True)
+  print("step ms: median wall time per optimizer step; CPU ms: process CPU time per step "
+        "(all threads)")
+  if with_torch:
+    print("ratio = bfprune step / PyTorch step (wall), both medians of chunks timed alternately "
+          "in this run")
 
 
 if __name__ == "__main__":
