@@ -28,7 +28,7 @@ In order (each item in its own try/except: an error is one FAIL line, the rest s
      checkpoints in a temporary folder);
 3. benchmarks, while the time budget (``--budget_s`` since start) lasts, each SKIPPED with the
    reason once it is spent: the butterfly vs dense (``bench_butterfly.py``'s timing functions),
-   train steps (``bench_train.bench``) and VGG16 inference (``bench_models.bench_model``).
+   train steps (``bench_train.run``) and VGG16 inference (``bench_models.bench_model``).
 
 Tolerances. Comparisons are max |got - ref| / max |ref| (over the whole output / pytree), with
 a tolerance of ``K * u``: u the unit roundoff of the matmul arithmetic in force (float32 2^-24;
@@ -1102,7 +1102,7 @@ def bench_train(s: Settings, report: Report, backend: str) -> None:
       continue
 
     def one(model=model, fac=fac):
-      r = bt.bench(model, steps, repeats, batch, fac)
+      r = bt.run(model, steps, repeats, batch, fac, with_torch=False)
       ok = math.isfinite(r["step_ms"]) and r["step_ms"] > 0
       return (PASS if ok else FAIL, f"{r['step_ms']:.2f} ms/step, {r['examples_per_s']:.0f} "
               f"examples/s, first chunk (compile) {r['first_chunk_s']:.1f} s "
