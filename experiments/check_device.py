@@ -73,22 +73,27 @@ CHECKS = ("butterfly", "layers", "pruners", "sharded", "smoke")
 BENCHES = ("bench_butterfly", "bench_train", "bench_models")
 FAULTS = ("butterfly", "layers", "pruners", "sharded")
 
-flags.DEFINE_string("out", "runs/check_device.md", "Markdown report to write")
-flags.DEFINE_bool("quick", False, "Tiny sizes everywhere (this CPU, CI)")
-flags.DEFINE_float("budget_s", 420.0, "Seconds since start after which the remaining "
-                   "benchmarks are skipped (correctness checks always run)")
-flags.DEFINE_string("data_dir", None, "CIFAR-10 folder for the smoke run (default "
-                    "$BFPRUNE_DATA_DIR)")
-flags.DEFINE_list("checks", list(CHECKS + BENCHES), "Items to run, a subset of "
-                  + ",".join(CHECKS + BENCHES))
-flags.DEFINE_integer("smoke_train_examples", 0, "Training examples of the smoke run "
-                     "(0: 512, --quick 64)")
-flags.DEFINE_string("smoke_pruner", "", "Pruner of the smoke run (default snip; --quick rand, "
-                    "which compiles nothing: the pruners have their own checks)")
-flags.DEFINE_string("compilation_cache", "none", "Persistent compilation cache folder for the "
-                    "smoke run and benchmarks ('' = the sweep's default folder, 'none' = off)")
-flags.DEFINE_string("inject_fault", "", "Testing the checker only: perturb the reference of "
-                    "one check (" + " | ".join(FAULTS) + ") so that it must FAIL")
+
+def define_flags() -> None:
+  """The script's flags, defined only when it runs (other scripts define --out and
+  --data_dir too, and tests import this module beside them)."""
+  flags.DEFINE_string("out", "runs/check_device.md", "Markdown report to write")
+  flags.DEFINE_bool("quick", False, "Tiny sizes everywhere (this CPU, CI)")
+  flags.DEFINE_float("budget_s", 420.0, "Seconds since start after which the remaining "
+                     "benchmarks are skipped (correctness checks always run)")
+  flags.DEFINE_string("data_dir", None, "CIFAR-10 folder for the smoke run (default "
+                      "$BFPRUNE_DATA_DIR)")
+  flags.DEFINE_list("checks", list(CHECKS + BENCHES), "Items to run, a subset of "
+                    + ",".join(CHECKS + BENCHES))
+  flags.DEFINE_integer("smoke_train_examples", 0, "Training examples of the smoke run "
+                       "(0: 512, --quick 64)")
+  flags.DEFINE_string("smoke_pruner", "", "Pruner of the smoke run (default snip; --quick rand, "
+                      "which compiles nothing: the pruners have their own checks)")
+  flags.DEFINE_string("compilation_cache", "none", "Persistent compilation cache folder for the "
+                      "smoke run and benchmarks ('' = the sweep's default folder, 'none' = off)")
+  flags.DEFINE_string("inject_fault", "", "Testing the checker only: perturb the reference of "
+                      "one check (" + " | ".join(FAULTS) + ") so that it must FAIL")
+
 
 PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
 U32 = 2.0 ** -24   # float32 unit roundoff
@@ -1271,4 +1276,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
