@@ -942,8 +942,6 @@ def check_smoke(s: Settings, report: Report, backend: str) -> None:
   data_dir = s.data_dir or os.environ.get("BFPRUNE_DATA_DIR")
   pruner = s.smoke_pruner or ("rand" if s.quick else "snip")
   n = s.smoke_train_examples or (64 if s.quick else 512)
-  # Batch >= 64: the sweep's sparse-inference check compares the first 64 test logits with
-  # the first batch's alone (a smaller batch fails there on shapes, not on values).
   batch = 64 if s.quick else 128
   box: dict = {}
 

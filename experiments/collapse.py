@@ -103,6 +103,9 @@ def define_flags() -> None:
                       "$XDG_CACHE_HOME/bfprune/jax). Each probe builds new closures (pruning "
                       "scores, collapse detector), which plain jit recompiles; the on-disk cache, "
                       "keyed by the compiled program, makes repeats cheaper")
+  flags.DEFINE_bool("keep_freed_memory", True, "Make malloc keep freed memory for reuse "
+                    "(bfprune.platform.keep_freed_memory): saves ~9% of a VGG16 step on CPU, "
+                    "the process keeps its peak heap until it exits")
   distributed.define_flags()
 
 
@@ -759,6 +762,9 @@ def main(argv):
     dry_run(settings, rows, settings["out_dir"] / RESULTS)
     return
 
+  if FLAGS.keep_freed_memory:  # before the first computation (threads keep their arenas)
+    from bfprune import platform
+    platform.keep_freed_memory()
   distributed.initialize(dist)  # heavy imports after validation
   import jax
   if FLAGS.batch_size % jax.device_count():

@@ -64,6 +64,9 @@ class ConfigError(ValueError):
   """A configuration that cannot run; the message names the offending setting."""
 
 
+_KEY_LATER_FIELDS = {"test_examples": 0}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   dataset: str = "mnist"
@@ -85,14 +88,21 @@ class RunConfig:
   batch_norm: bool = False
   seed: int = 0
   train_examples: int = 0  # 0: the whole training split; else its first n (quick / reduced runs)
+  test_examples: int = 0  # 0: the whole test split; else its first n (quick checks)
 
   @property
   def density(self) -> float:
     return 1.0 if self.pruner == "none" else 10.0 ** (-self.compression)
 
   def key(self) -> str:
-    """A stable id derived from the full configuration (same config => same key)."""
-    blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    """A stable id derived from the full configuration (same config => same key). Fields added
+    after results were committed (``_KEY_LATER_FIELDS``) count only when not at their default,
+    so the keys of existing rows stay valid."""
+    fields = dataclasses.asdict(self)
+    for name, default in _KEY_LATER_FIELDS.items():
+      if fields[name] == default:
+        del fields[name]
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
   def validate(self) -> "RunConfig":
@@ -124,6 +134,8 @@ class RunConfig:
       raise ConfigError(f"--prune_per_class={self.prune_per_class} must be >= 1")
     if self.train_examples < 0:
       raise ConfigError(f"--train_examples={self.train_examples} must be >= 0 (0 = all)")
+    if self.test_examples < 0:
+      raise ConfigError(f"--test_examples={self.test_examples} must be >= 0 (0 = all)")
     if self.batch_size < 1:
       raise ConfigError(f"--batch_size={self.batch_size} must be >= 1")
     if not self.lr > 0:

@@ -104,12 +104,14 @@ class DataSizeError(ValueError):
 
 
 def load_training_data(dataset: str, data_dir: Optional[str], train_examples: int = 0,
-                       batch_size: int = 0) -> data_lib.Dataset:
+                       batch_size: int = 0, test_examples: int = 0) -> data_lib.Dataset:
   """``data_lib.load_dataset`` with the training split cut to its first ``train_examples``
-  (0: all of it), checked to hold at least one batch of ``batch_size`` (0: no check).
+  (0: all of it), checked to hold at least one batch of ``batch_size`` (0: no check), and the
+  test split cut to its first ``test_examples`` (0: all of it).
 
   Raises ``data_lib.DataError`` (missing / corrupt files) or ``DataSizeError`` naming the flag
-  (``--train_examples`` / ``--batch_size``) that asks for more examples than there are.
+  (``--train_examples`` / ``--test_examples`` / ``--batch_size``) that asks for more examples
+  than there are.
   """
   ds = data_lib.load_dataset(dataset, data_dir)
   if train_examples:
@@ -117,6 +119,11 @@ def load_training_data(dataset: str, data_dir: Optional[str], train_examples: in
       raise DataSizeError(f"--train_examples={train_examples} exceeds the "
                           f"{len(ds.train_x)} training examples available")
     ds = ds._replace(train_x=ds.train_x[:train_examples], train_y=ds.train_y[:train_examples])
+  if test_examples:
+    if test_examples > len(ds.test_x):
+      raise DataSizeError(f"--test_examples={test_examples} exceeds the "
+                          f"{len(ds.test_x)} test examples available")
+    ds = ds._replace(test_x=ds.test_x[:test_examples], test_y=ds.test_y[:test_examples])
   if batch_size > len(ds.train_x):
     raise DataSizeError(f"--batch_size={batch_size} exceeds the {len(ds.train_x)} training "
                         "examples")
@@ -190,11 +197,12 @@ def _score_and_prune(cfg: RunConfig, model, dataset: data_lib.Dataset,
   def apply_fn(p, x):  # deterministic forward for scoring: no dropout, norms in inference mode
     return model.apply({"params": p, "batch_stats": stats} if stats else {"params": p}, x,
                        train=False)
-  idx = data_lib.class_balanced_sample(dataset.train_y, cfg.prune_per_class, cfg.seed)
-  score_fn = schedule.make_score_fn(
-      cfg.pruner, apply_fn, batch=(jnp.asarray(dataset.train_x[idx]),
-                                   jnp.asarray(dataset.train_y[idx])),
-      input_shape=in_shape, key=jax.random.key(cfg.seed))
+  batch = None
+  if cfg.pruner in ("snip", "grasp"):  # the only pruners that score with examples
+    idx = data_lib.class_balanced_sample(dataset.train_y, cfg.prune_per_class, cfg.seed)
+    batch = (jnp.asarray(dataset.train_x[idx]), jnp.asarray(dataset.train_y[idx]))
+  score_fn = schedule.make_score_fn(cfg.pruner, apply_fn, batch=batch, input_shape=in_shape,
+                                    key=jax.random.key(cfg.seed))
   return schedule.prune(score_fn, jax.device_get(state.params), masks, cfg.density,
                         rounds=cfg.prune_rounds, schedule=cfg.prune_schedule,
                         scope=cfg.prune_scope)
@@ -351,7 +359,8 @@ def sparse_inference(cfg: RunConfig, params, masks, test_x: np.ndarray,
   seconds = statistics.median(times)
 
   k = min(check_examples, n)
-  got = np.asarray(logits[0][:k])
+  # The first k rows over as many batches as they span (a batch may be smaller than k).
+  got = np.concatenate([np.asarray(l) for l in logits[:-(-k // cfg.batch_size)]])[:k]
   with jax.default_matmul_precision("highest"):  # part of jit's key: compiles a HIGHEST program
     ref = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(
         masked, jnp.asarray(test_x[:k])))
@@ -384,14 +393,15 @@ def timed_sparse_inference(cfg: RunConfig, params, masks, test_x: np.ndarray,
 
 def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
             history_log: Optional[Log] = None,
-            ckpt_dir: Optional[str] = None) -> dict[str, Any]:
+            ckpt_dir: Optional[str] = None, time_sparse: bool = True) -> dict[str, Any]:
   """Runs one configuration end to end and returns its results row (JSON-serialisable).
 
   With ``ckpt_dir`` the run checkpoints after every epoch and resumes from the latest
   checkpoint found there. The row's ``inference_seconds`` times the masked-dense model,
   ``inference_seconds_sparse`` the real sparse one (``sparse_inference``; None where
   ``bfprune.sparse`` does not support the model or the backend has no native sparse kernel,
-  ``inference_sparse_note`` says which). Raises ``SparseCheckError`` when the sparse
+  ``inference_sparse_note`` says which; ``time_sparse=False`` skips it: a VGG16 pass takes
+  10-45 s on a 2-core CPU, six passes per run). Raises ``SparseCheckError`` when the sparse
   forward disagrees with the dense evaluation (the checkpoint is kept: a rerun only evaluates).
 
   Multi-process (``experiments/distributed.py``): every process calls ``run_one`` with the same
@@ -448,10 +458,15 @@ def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
     ckpt.close()
   final, seconds = timed_evaluation(trainer, state, eval_data)
   # Process-local work, done by process 0 alone: only its row is written.
-  sparse = sparse_inference(
-      cfg, jax.device_get(state.params), jax.device_get(masks), dataset.test_x, dataset.test_y,
-      model=model, dense_top1=final["top1"], log=log) if distributed.is_main() else SparseTiming(
-          None, f"not timed on process {jax.process_index()} (process 0 times it)")
+  if not time_sparse:
+    sparse = SparseTiming(None, "not timed (--nosparse_inference)")
+  elif distributed.is_main():
+    sparse = sparse_inference(
+        cfg, jax.device_get(state.params), jax.device_get(masks), dataset.test_x,
+        dataset.test_y, model=model, dense_top1=final["top1"], log=log)
+  else:
+    sparse = SparseTiming(None, f"not timed on process {jax.process_index()} (process 0 "
+                                "times it)")
   variables = {"params": state.params, **({"batch_stats": state.batch_stats}
                                           if state.batch_stats else {})}
   summ = metrics.summary(model, jax.device_get(variables), masks, in_shape)

@@ -74,6 +74,8 @@ flags.DEFINE_float("dropout", 0.1, "Dropout rate")
 flags.DEFINE_bool("batch_norm", False, "VGG16 with BatchNorm (needs --model=vgg16)")
 flags.DEFINE_integer("seed", 0, "First seed")
 flags.DEFINE_integer("train_examples", 0, "Use only the first n training examples (0: all)")
+flags.DEFINE_integer("test_examples", 0, "Evaluate on the first n test examples only (0: all; "
+                     "for quick checks)")
 flags.DEFINE_integer("seeds", 1, "Number of seeds: seed, seed+1, ...")
 flags.DEFINE_string("data_dir", None, "Folder of the standard data files (default: "
                     "$BFPRUNE_DATA_DIR, else tensorflow-datasets)")
@@ -93,6 +95,12 @@ flags.DEFINE_string("shard", None, "I/N: run only part I (0-based) of N of the r
 flags.DEFINE_float("claim_timeout", 600.0, "Seconds without a heartbeat (refreshed every "
                    "minute) after which a run claimed by a worker on another host is taken "
                    "over; on the same host a claim is taken over as soon as its process is gone")
+flags.DEFINE_bool("sparse_inference", True, "Time a real sparse (BCSR) test-set pass of the "
+                  "pruned model for the row's inference_seconds_sparse (--model=fc or vgg16 "
+                  "with --factorize=none; a VGG16 pass takes 10-45 s on a 2-core CPU)")
+flags.DEFINE_bool("keep_freed_memory", True, "Make malloc keep freed memory for reuse "
+                  "(bfprune.platform.keep_freed_memory): saves ~9% of a VGG16 step on CPU, the "
+                  "process keeps its peak heap until it exits")
 distributed.define_flags()
 
 # Flags that only some runs use: given explicitly while no run of the command uses them, they
@@ -172,7 +180,7 @@ def configs_from_flags() -> list[cfg_lib.RunConfig]:
         prune_schedule=FLAGS.prune_schedule, prune_scope=FLAGS.prune_scope,
         prune_per_class=FLAGS.prune_per_class, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
         dropout=FLAGS.dropout, batch_norm=FLAGS.batch_norm, seed=seed,
-        train_examples=FLAGS.train_examples).validate())
+        train_examples=FLAGS.train_examples, test_examples=FLAGS.test_examples).validate())
   for name, (uses, why) in _USED_BY.items():
     given = FLAGS[name].present and FLAGS[name].value is not False  # --noprune_factors is fine
     if given and not any(uses(c) for c in out):
@@ -288,6 +296,9 @@ def main(argv):
     return
 
   # Heavy imports after validation so a bad flag fails in a fraction of a second.
+  if FLAGS.keep_freed_memory:  # before the first computation (threads keep their arenas)
+    from bfprune import platform
+    platform.keep_freed_memory()
   distributed.initialize(dist)
   import jax
   import numpy as np
@@ -333,7 +344,8 @@ def main(argv):
   def load() -> Any:
     try:
       ds = pipeline.load_training_data(configs[0].dataset, FLAGS.data_dir,
-                                       FLAGS.train_examples, configs[0].batch_size)
+                                       FLAGS.train_examples, configs[0].batch_size,
+                                       FLAGS.test_examples)
       if any(c.pruner in ("snip", "grasp") for c in todo):  # before any run starts
         pipeline.check_prune_examples(ds, FLAGS.prune_per_class,
                                       _flag_text("prune_per_class"),
@@ -388,7 +400,8 @@ def main(argv):
         with claim.heartbeat() if claim is not None else contextlib.nullcontext():
           row = pipeline.run_one(cfg, dataset, ckpt_dir=str(ckpt_root / key),
                                  log=lambda s: logging.info("%s: %s", tag, s),
-                                 history_log=lambda s: logging.info("%s: %s", tag, s))
+                                 history_log=lambda s: logging.info("%s: %s", tag, s),
+                                 time_sparse=FLAGS.sparse_inference)
       except BaseException:
         if claim is not None:  # free for the next worker at once; its checkpoint stays
           claim.release()

@@ -90,3 +90,23 @@ def test_reference_is_computed_at_highest_precision(setup):
   pipeline.sparse_inference(CFG, params, masks, x, model=Spy(), repeats=1, log=lambda _: None)
   assert seen == ["highest"]
   assert jax.config.jax_default_matmul_precision is None  # scoped to the check
+
+
+def test_batches_smaller_than_the_checked_examples(setup):
+  """With batch 8 the 64 checked logits span eight batches: all of them are compared (a wrong
+  weight that shows in example 20 only, i.e. in the third batch, is caught), none is skipped."""
+  model, params, masks, x = setup
+  cfg = RunConfig(post_epochs=0, batch_size=8)
+  lines = []
+  got = pipeline.sparse_inference(cfg, params, masks, x, model=model, repeats=1,
+                                  log=lines.append)
+  assert got.seconds > 0 and "on 64 examples" in lines[-1]
+
+  class OffOnOne:  # the reference model, off in example 20's logits only
+    def apply(self, variables, inputs, **kwargs):
+      out = model.apply(variables, inputs, **kwargs)
+      return out.at[20].add(1.0)
+
+  with pytest.raises(pipeline.SparseCheckError, match="on the first 64 test examples"):
+    pipeline.sparse_inference(cfg, params, masks, x, model=OffOnOne(), repeats=1,
+                              log=lambda _: None)
