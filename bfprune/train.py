@@ -218,12 +218,16 @@ class Trainer:
       model plainly otherwise; a name picks the keyword (True while training, except
       ``deterministic``); ``(name, value_while_training)`` gives any switch; None never
       passes one (see ``resolve_train_kwarg``).
+    compiler_options: XLA options for every program the trainer compiles
+      (``jax.jit(..., compiler_options=...)``), e.g. ``platform.small_matmul_options("cpu")``
+      for an MLP on a CPU; None: the compiler's defaults.
   """
   model: nn.Module
   tx: optax.GradientTransformation
   mesh: Mesh
   augment: Optional[Augment] = None
   train_kwarg: Any = AUTO
+  compiler_options: Optional[dict[str, Any]] = None
 
   def __post_init__(self):
     rep = NamedSharding(self.mesh, P())
@@ -237,9 +241,10 @@ class Trainer:
     train = jax.shard_map(self._train_chunk_impl, mesh=self.mesh,
                           in_specs=(P(), P(), P(), P(None, DATA_AXIS), P()),
                           out_specs=(P(), P()), check_vma=False)
+    opts = dict(self.compiler_options) if self.compiler_options else None
     object.__setattr__(self, "_train_chunk", jax.jit(
         train, in_shardings=(rep, rep, rep, cols, rep), out_shardings=(rep, rep),
-        donate_argnums=(0,)))
+        donate_argnums=(0,), compiler_options=opts))
     object.__setattr__(self, "_remask", jax.jit(
         remask, in_shardings=(rep, rep), out_shardings=rep, donate_argnums=(0,)))
     evaluate = jax.shard_map(self._eval_impl, mesh=self.mesh,
@@ -247,7 +252,8 @@ class Trainer:
                                        P(None, DATA_AXIS)),
                              out_specs=P(), check_vma=False)
     object.__setattr__(self, "_eval_all", jax.jit(
-        evaluate, in_shardings=(rep, rep, cols, cols, cols), out_shardings=rep))
+        evaluate, in_shardings=(rep, rep, cols, cols, cols), out_shardings=rep,
+        compiler_options=opts))
 
   @property
   def num_devices(self) -> int:

@@ -40,6 +40,9 @@ flags.DEFINE_integer("batch_size", 256, "Batch size")
 flags.DEFINE_string("factorize", "none", "none | head | all (layers of the benchmarked model)")
 flags.DEFINE_bool("compare_torch", False, "Also time the same train step in PyTorch (CPU) in "
                   "the same run and print the ratio")
+flags.DEFINE_bool("compiler_options", True, "Compile with sweep.py's XLA options "
+                  "(pipeline.compiler_options: on CPU the FC's dots on Eigen instead of "
+                  "YNNPACK); --nocompiler_options: the compiler's defaults")
 flags.DEFINE_bool("keep_freed_memory", True, "bfprune.platform.keep_freed_memory() first: "
                   "malloc reuses freed memory instead of page-faulting each step's temporaries "
                   "anew (process-wide: applies to PyTorch too)")
@@ -56,7 +59,7 @@ class Bench:
     from bfprune import train
     from bfprune.pruning import masks as masks_lib
     from experiments.config import RunConfig
-    from experiments.pipeline import build_model
+    from experiments.pipeline import build_model, compiler_options
 
     self.dataset = "mnist" if name == "fc" else "cifar10"
     cfg = RunConfig(dataset=self.dataset, model=name, factorize=factorize).validate()
@@ -72,7 +75,8 @@ class Bench:
     tx = train.adam()
     self.trainer = train.Trainer(
         model, tx, train.make_mesh(),
-        augment=data_lib.augment_cifar if self.dataset == "cifar10" else None)
+        augment=data_lib.augment_cifar if self.dataset == "cifar10" else None,
+        compiler_options=compiler_options(name) if FLAGS.compiler_options else None)
     self.state = self.trainer.put(train.init_state(variables, masks, tx))
     self.xs, self.ys, self.masks = self.trainer.put(
         (jnp.asarray(self.x), jnp.asarray(self.y), masks))

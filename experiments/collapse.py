@@ -353,7 +353,8 @@ class Prober:
       variables = model.init(jax.random.key(cfg.seed), self._jnp.zeros((1,) + self.in_shape))
       tx = train.adam(cfg.lr)
       augment = data_lib.augment_cifar if cfg.dataset == "cifar10" else None
-      trainer = train.Trainer(model, tx, train.make_mesh(), augment=augment)
+      trainer = train.Trainer(model, tx, train.make_mesh(), augment=augment,
+                              compiler_options=pipeline.compiler_options(cfg.model))
       eval_data = trainer.put_eval(self._eval_np)
       self._heads[head] = (model, variables, trainer, eval_data, tx)
     return self._heads[head]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bfprune import data as data_lib
-from bfprune import checkpoint, metrics, models, train
+from bfprune import checkpoint, metrics, models, platform, train
 from bfprune import sparse as sparse_lib
 from bfprune.pruning import masks as masks_lib
 from bfprune.pruning import schedule
@@ -225,6 +225,14 @@ class RunParts(NamedTuple):
   fit: Callable[..., tuple[train.TrainState, list[dict]]]
 
 
+def compiler_options(model: str) -> Optional[dict[str, str]]:
+  """The XLA options a run's trainer compiles with: the FC (small matmuls) gets
+  ``platform.small_matmul_options`` of the backend, VGG16 the compiler's defaults."""
+  if model != "fc":
+    return None
+  return platform.small_matmul_options(jax.default_backend()) or None
+
+
 def build_run(cfg: RunConfig, dataset: data_lib.Dataset,
               history_log: Optional[Log] = None) -> RunParts:
   """Model, initialisation (``cfg.seed``), all-kept masks, trainer and test batches of a run."""
@@ -236,7 +244,8 @@ def build_run(cfg: RunConfig, dataset: data_lib.Dataset,
                               if cfg.prune_factors else masks_lib.is_kernel)
   tx = train.adam(cfg.lr)
   augment = data_lib.augment_cifar if cfg.dataset == "cifar10" else None
-  trainer = train.Trainer(model, tx, train.make_mesh(), augment=augment)
+  trainer = train.Trainer(model, tx, train.make_mesh(), augment=augment,
+                          compiler_options=compiler_options(cfg.model))
   state = train.init_state(variables, masks, tx)
   eval_data = trainer.put_eval(train.make_eval_data(dataset.test_x, dataset.test_y,
                                                     cfg.batch_size))

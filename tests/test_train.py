@@ -221,3 +221,32 @@ def test_four_devices_match_one_and_split_the_batch():
   assert abs(four["eval"]["loss"] - one["eval"]["loss"]) < 1e-5
   assert four["per_device_batch"], "the compiled step does not split the batch over 4 devices"
   assert one["per_device_batch"]
+
+
+def test_small_matmul_options_train_like_the_defaults(mnist):
+  """The FC's CPU compile options (dots on Eigen instead of YNNPACK, ``sweep.py``'s choice for
+  the FC) change the compiled program, not the training: 8 steps from the same state agree with
+  the default compilation to float32 rounding."""
+  from bfprune import platform
+  opts = platform.small_matmul_options("cpu")
+  assert opts and platform.small_matmul_options("cuda") == {} == platform.small_matmul_options("tpu")
+  model = models.FC()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  masks = _random_masks(variables["params"], 0.3, seed=0)
+  tx = train.adam(1e-3)
+  x, y = jnp.asarray(mnist.train_x[:2048]), jnp.asarray(mnist.train_y[:2048])
+  idx = np.arange(2048).reshape(8, 256)
+  out = {}
+  for name, options in (("default", None), ("small", opts)):
+    trainer = train.Trainer(model, tx, train.make_mesh(), compiler_options=options)
+    state = trainer.put(train.init_state(variables, masks, tx))
+    hlo = trainer.lower_train_steps(state, x, y, idx, jax.random.key(1)).compile().as_text()
+    out[name] = trainer.train_steps(state, None, x, y, idx, jax.random.key(1)), hlo
+  (s0, l0), _ = out["default"]
+  (s1, l1), hlo = out["small"]
+  assert "__ynn_fusion" not in hlo and " dot(" in hlo  # the dots are XLA's own
+  np.testing.assert_allclose(np.asarray(l1), np.asarray(l0), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  for layer, m in masks.items():  # still masked
+    assert not np.any(np.asarray(s1.params[layer]["kernel"])[~np.asarray(m["kernel"])])
