@@ -6,6 +6,8 @@ run need it (they use the ``shared_data_dir`` / ``mnist`` fixtures, or their mod
 one message saying how to get the files; runs of tests that need no data are unaffected.
 """
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,17 @@ def missing_data(path: Path) -> str | None:
   if absent:
     return f"{path} has no MNIST {', '.join(absent)} (in it or in its mnist/)"
   return None
+
+
+def pytest_configure(config):
+  # sweep.py / collapse.py keep a persistent compilation cache under $XDG_CACHE_HOME by default:
+  # the tests' subprocesses share one for the session, never the user's.
+  config.bfprune_cache_home = tempfile.mkdtemp(prefix="bfprune-tests-cache-")
+  os.environ["XDG_CACHE_HOME"] = config.bfprune_cache_home
+
+
+def pytest_unconfigure(config):
+  shutil.rmtree(getattr(config, "bfprune_cache_home", ""), ignore_errors=True)
 
 
 def _needs_data(item: pytest.Item) -> bool:
