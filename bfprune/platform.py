@@ -126,9 +126,25 @@ _EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 def small_matmul_options(platform: str) -> dict[str, str]:
   """``jax.jit(..., compiler_options=...)`` for programs made of small matmuls (an MLP of
   width ~100 at batch 256): on ``platform="cpu"`` the dots run on XLA's Eigen matmul instead of
-  YNNPACK, which made the FC train step 1.2-1.8x faster on a 2-core x86-64 VM (2026-12-07),
+  YNNPACK, which made the FC train step 1.2-1.6x faster on a 2-core x86-64 VM (2026-12-07),
   while VGG16's large conv matmuls got 8 % slower, hence opt-in per program. Empty (the
-  compiler's defaults) on every other platform. Same float32 math, another blocking: results
-  agree to rounding, not bit for bit.
+  compiler's defaults) on every other platform, and where this jaxlib does not know the
+  (experimental) option. Same float32 math, another blocking: results agree to rounding, not
+  bit for bit.
   """
-  return dict(_EIGEN_DOTS) if platform == "cpu" else {}
+  return dict(_EIGEN_DOTS) if platform == "cpu" and _cpu_accepts(_EIGEN_DOTS) else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_accepts_items(items: tuple[tuple[str, str], ...]) -> bool:
+  try:
+    with jax.default_device(jax.devices("cpu")[0]):
+      jax.jit(lambda x: x + 1, compiler_options=dict(items))(0.0).block_until_ready()
+  except Exception:  # an unknown option or value: jaxlib says so only when compiling
+    return False
+  return True
+
+
+def _cpu_accepts(options: dict[str, str]) -> bool:
+  """Whether this jaxlib's CPU compiler takes ``options`` (compiles a scalar add once)."""
+  return _cpu_accepts_items(tuple(sorted(options.items())))

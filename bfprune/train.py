@@ -218,7 +218,7 @@ class Trainer:
       model plainly otherwise; a name picks the keyword (True while training, except
       ``deterministic``); ``(name, value_while_training)`` gives any switch; None never
       passes one (see ``resolve_train_kwarg``).
-    compiler_options: XLA options for every program the trainer compiles
+    compiler_options: XLA options for the train and evaluation programs
       (``jax.jit(..., compiler_options=...)``), e.g. ``platform.small_matmul_options("cpu")``
       for an MLP on a CPU; None: the compiler's defaults.
   """

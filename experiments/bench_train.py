@@ -40,9 +40,9 @@ flags.DEFINE_integer("batch_size", 256, "Batch size")
 flags.DEFINE_string("factorize", "none", "none | head | all (layers of the benchmarked model)")
 flags.DEFINE_bool("compare_torch", False, "Also time the same train step in PyTorch (CPU) in "
                   "the same run and print the ratio")
-flags.DEFINE_bool("compiler_options", True, "Compile with sweep.py's XLA options "
+flags.DEFINE_bool("small_matmul_options", True, "Compile as sweep.py does "
                   "(pipeline.compiler_options: on CPU the FC's dots on Eigen instead of "
-                  "YNNPACK); --nocompiler_options: the compiler's defaults")
+                  "YNNPACK); --nosmall_matmul_options: the compiler's defaults")
 flags.DEFINE_bool("keep_freed_memory", True, "bfprune.platform.keep_freed_memory() first: "
                   "malloc reuses freed memory instead of page-faulting each step's temporaries "
                   "anew (process-wide: applies to PyTorch too)")
@@ -76,7 +76,7 @@ class Bench:
     self.trainer = train.Trainer(
         model, tx, train.make_mesh(),
         augment=data_lib.augment_cifar if self.dataset == "cifar10" else None,
-        compiler_options=compiler_options(name) if FLAGS.compiler_options else None)
+        compiler_options=compiler_options(name, FLAGS.small_matmul_options))
     self.state = self.trainer.put(train.init_state(variables, masks, tx))
     self.xs, self.ys, self.masks = self.trainer.put(
         (jnp.asarray(self.x), jnp.asarray(self.y), masks))

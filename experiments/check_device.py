@@ -969,7 +969,7 @@ def check_smoke(s: Settings, report: Report, backend: str) -> None:
       cfg = RunConfig(dataset="cifar10", model="vgg16", factorize=factorize,
                       pruner=pruner, compression=1.0, post_epochs=1,
                       prune_rounds=1, batch_size=batch, prune_per_class=per_class,
-                      train_examples=n).validate()
+                      train_examples=n, test_examples=len(ds.test_x)).validate()
       with tempfile.TemporaryDirectory(prefix="check_device_ckpt_") as ckpt:
         row = pipeline.run_one(cfg, ds, log=lambda m: print(f"  smoke {factorize}: {m}",
                                                             flush=True),

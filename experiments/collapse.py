@@ -103,6 +103,9 @@ def define_flags() -> None:
                       "$XDG_CACHE_HOME/bfprune/jax). Each probe builds new closures (pruning "
                       "scores, collapse detector), which plain jit recompiles; the on-disk cache, "
                       "keyed by the compiled program, makes repeats cheaper")
+  flags.DEFINE_bool("small_matmul_options", True, "Compile the FC with "
+                    "bfprune.platform.small_matmul_options (on CPU: XLA's Eigen dots instead of "
+                    "YNNPACK); --nosmall_matmul_options: the compiler's defaults")
   flags.DEFINE_bool("keep_freed_memory", True, "Make malloc keep freed memory for reuse "
                     "(bfprune.platform.keep_freed_memory): saves ~9% of a VGG16 step on CPU, "
                     "the process keeps its peak heap until it exits")
@@ -354,7 +357,8 @@ class Prober:
       tx = train.adam(cfg.lr)
       augment = data_lib.augment_cifar if cfg.dataset == "cifar10" else None
       trainer = train.Trainer(model, tx, train.make_mesh(), augment=augment,
-                              compiler_options=pipeline.compiler_options(cfg.model))
+                              compiler_options=pipeline.compiler_options(
+                                  cfg.model, FLAGS.small_matmul_options))
       eval_data = trainer.put_eval(self._eval_np)
       self._heads[head] = (model, variables, trainer, eval_data, tx)
     return self._heads[head]

@@ -98,6 +98,10 @@ flags.DEFINE_float("claim_timeout", 600.0, "Seconds without a heartbeat (refresh
 flags.DEFINE_bool("sparse_inference", True, "Time a real sparse (BCSR) test-set pass of the "
                   "pruned model for the row's inference_seconds_sparse (--model=fc or vgg16 "
                   "with --factorize=none; a VGG16 pass takes 10-45 s on a 2-core CPU)")
+flags.DEFINE_bool("small_matmul_options", True, "Compile the FC with "
+                  "bfprune.platform.small_matmul_options (on CPU: XLA's Eigen dots instead of "
+                  "YNNPACK, ~1.5x faster steps; rounding-level differences); recorded in the "
+                  "row's compiler_options")
 flags.DEFINE_bool("keep_freed_memory", True, "Make malloc keep freed memory for reuse "
                   "(bfprune.platform.keep_freed_memory): saves ~9% of a VGG16 step on CPU, the "
                   "process keeps its peak heap until it exits")
@@ -401,7 +405,8 @@ def main(argv):
           row = pipeline.run_one(cfg, dataset, ckpt_dir=str(ckpt_root / key),
                                  log=lambda s: logging.info("%s: %s", tag, s),
                                  history_log=lambda s: logging.info("%s: %s", tag, s),
-                                 time_sparse=FLAGS.sparse_inference)
+                                 time_sparse=FLAGS.sparse_inference,
+                                 small_matmul=FLAGS.small_matmul_options)
       except BaseException:
         if claim is not None:  # free for the next worker at once; its checkpoint stays
           claim.release()

@@ -53,16 +53,30 @@ def pytest_unconfigure(config):
   shutil.rmtree(getattr(config, "bfprune_cache_home", ""), ignore_errors=True)
 
 
+def missing_cifar10(path: Path) -> str | None:
+  """Why ``path`` holds no CIFAR-10 copy (None if it does): a ``cifar-10-*`` folder or archive
+  in ``path/`` or ``path/cifar10/``."""
+  if any(next(d.glob("cifar-10-*"), None) for d in (path, path / "cifar10") if d.is_dir()):
+    return None
+  return f"{path} has no CIFAR-10 (cifar-10-* in it or in its cifar10/)"
+
+
 def _needs_data(item: pytest.Item) -> bool:
   module = getattr(item, "module", None)
   return (bool(_DATA_FIXTURES & set(getattr(item, "fixturenames", ())))
           or getattr(module, "data_dir", None) is data_dir)
 
 
+def _needs_cifar10(item: pytest.Item) -> bool:  # modules that set NEEDS_CIFAR10 = True
+  return bool(getattr(getattr(item, "module", None), "NEEDS_CIFAR10", False))
+
+
 def pytest_collection_modifyitems(session, config, items):
-  if not any(_needs_data(item) for item in items):
+  if not any(_needs_data(item) or _needs_cifar10(item) for item in items):
     return
   why = missing_data(data_dir())
+  if why is None and any(_needs_cifar10(item) for item in items):
+    why = missing_cifar10(data_dir())
   if why:
     pytest.exit(f"test data not found: {why}. Get the standard files with "
                 "`python -m bfprune.data fetch DIR` and run the tests with BFPRUNE_DATA_DIR=DIR.",

@@ -10,7 +10,11 @@ import time
 
 import pytest
 
+from conftest import data_dir  # noqa: F401  (the session checks the data folder first)
 from test_sweep import SWEEP, _env, _epochs_logged, _rows
+
+NEEDS_CIFAR10 = True
+pytestmark = pytest.mark.slow
 
 # VGG16 as in the study: 13 3x3 convs (channels, input side), one 512 -> 10 dense head.
 PLAN = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8),
@@ -26,29 +30,21 @@ CONV_FLOPS = [side * side * (w + b) for (_, _, side), w, b in zip(PLAN, CONV_WEI
 TINY = ["--dataset=cifar10", "--batch_size=16", "--nosparse_inference"]
 
 
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-  """One persistent compilation cache for this module's processes (same programs, same
-  numbers; later processes skip most compiling)."""
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(_env(), JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
-def _sweep(args, env, timeout=900):
-  proc = subprocess.run(SWEEP + args, env=env, capture_output=True, text=True, timeout=timeout)
+def _sweep(args, timeout=900):
+  # The processes share the session's compilation cache (conftest): later ones compile less.
+  proc = subprocess.run(SWEEP + args, env=_env(), capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
 
 @pytest.mark.parametrize("factorize, pruner", [("none", "snip"), ("head", "snip"),
                                                ("all", "none")])
-def test_one_epoch_row(factorize, pruner, cache_env, tmp_path):
+def test_one_epoch_row(factorize, pruner, tmp_path):
   out = tmp_path / "out"
   prune = [f"--pruner={pruner}"] + (
       ["--compression=1", "--prune_per_class=1"] if pruner == "snip" else [])
   _sweep(TINY + [f"--factorize={factorize}"] + prune + ["--post_epochs=1", "--train_examples=32", "--test_examples=32",
-                 f"--out_dir={out}"], cache_env)
+                 f"--out_dir={out}"])
   (row,) = _rows(out)
   assert (row["model"], row["dataset"], row["factorize"], row["pruner"]) == (
       "vgg16", "cifar10", factorize, pruner)
@@ -85,38 +81,44 @@ def test_one_epoch_row(factorize, pruner, cache_env, tmp_path):
     assert layers["head"]["density"] == 1.0  # the butterfly head is not pruned
 
 
-def test_killed_run_resumes_to_identical_numbers(cache_env, tmp_path):
+def test_killed_run_resumes_to_identical_numbers(tmp_path):
   post_epochs = 3
   args = TINY + ["--factorize=head", "--pruner=rand", "--compression=1",
                  f"--post_epochs={post_epochs}", "--train_examples=64", "--test_examples=32"]
   ref = tmp_path / "ref"
-  proc = _sweep(args + [f"--out_dir={ref}"], cache_env)
+  proc = _sweep(args + [f"--out_dir={ref}"])
   assert _epochs_logged(proc.stderr) == list(range(1, post_epochs + 1))
   (ref_row,) = _rows(ref)
 
   out = tmp_path / "killed"
   ckpts = out / "checkpoints" / ref_row["run_key"]
   with open(tmp_path / "killed.log", "w") as log:
-    proc = subprocess.Popen(SWEEP + args + [f"--out_dir={out}"], env=cache_env,
+    proc = subprocess.Popen(SWEEP + args + [f"--out_dir={out}"], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=log)
     # Checkpoint step 1 is written right after pruning, then one per epoch: kill once the
     # first epoch's (step 2) is there.
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-      if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 2 for p in ckpts.iterdir()):
-        break
+      try:
+        if any(p.name.isdigit() and int(p.name) >= 2 for p in ckpts.iterdir()):
+          break
+      except FileNotFoundError:  # not created yet (or already removed: poll() says so)
+        pass
       time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
   assert _rows(out) == []
+  before_kill = _epochs_logged((tmp_path / "killed.log").read_text())
 
-  proc = _sweep(args + [f"--out_dir={out}"], cache_env)
+  proc = _sweep(args + [f"--out_dir={out}"])
   resumed = re.findall(r"resumed from \S+ \(phase (\w+), (\d+) epochs done\)", proc.stderr)
   assert len(resumed) == 1, proc.stderr[-3000:]
   k = int(resumed[0][1])
   assert resumed[0][0] == "post" and 1 <= k < post_epochs
+  assert before_kill[:k] == list(range(1, k + 1))  # the killed run did train those k epochs
   assert _epochs_logged(proc.stderr) == list(range(k + 1, post_epochs + 1))
+  assert "pruned with" not in proc.stderr  # pruning came before the first checkpoint
   (row,) = _rows(out)
   for key in ("top1", "top5", "test_loss", "density", "flop_density", "layers", "mask_sha256"):
     assert row[key] == ref_row[key], key

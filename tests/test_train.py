@@ -242,8 +242,9 @@ def test_small_matmul_options_train_like_the_defaults(mnist):
     state = trainer.put(train.init_state(variables, masks, tx))
     hlo = trainer.lower_train_steps(state, x, y, idx, jax.random.key(1)).compile().as_text()
     out[name] = trainer.train_steps(state, None, x, y, idx, jax.random.key(1)), hlo
-  (s0, l0), _ = out["default"]
+  (s0, l0), hlo0 = out["default"]
   (s1, l1), hlo = out["small"]
+  assert hlo != hlo0  # the options took effect
   assert "__ynn_fusion" not in hlo and " dot(" in hlo  # the dots are XLA's own
   np.testing.assert_allclose(np.asarray(l1), np.asarray(l0), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params)):
