@@ -132,19 +132,15 @@ def small_matmul_options(platform: str) -> dict[str, str]:
   (experimental) option. Same float32 math, another blocking: results agree to rounding, not
   bit for bit.
   """
-  return dict(_EIGEN_DOTS) if platform == "cpu" and _cpu_accepts(_EIGEN_DOTS) else {}
+  return dict(_EIGEN_DOTS) if platform == "cpu" and _cpu_takes_eigen_dots() else {}
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_accepts_items(items: tuple[tuple[str, str], ...]) -> bool:
+@functools.cache
+def _cpu_takes_eigen_dots() -> bool:
+  """Whether this jaxlib's CPU compiler knows ``_EIGEN_DOTS`` (compiles a scalar add once)."""
   try:
     with jax.default_device(jax.devices("cpu")[0]):
-      jax.jit(lambda x: x + 1, compiler_options=dict(items))(0.0).block_until_ready()
+      jax.jit(lambda x: x + 1, compiler_options=_EIGEN_DOTS)(0.0).block_until_ready()
   except Exception:  # an unknown option or value: jaxlib says so only when compiling
     return False
   return True
-
-
-def _cpu_accepts(options: dict[str, str]) -> bool:
-  """Whether this jaxlib's CPU compiler takes ``options`` (compiles a scalar add once)."""
-  return _cpu_accepts_items(tuple(sorted(options.items())))

@@ -787,7 +787,7 @@ def main(argv):
   try:
     dataset = pipeline.load_training_data(settings["dataset"], FLAGS.data_dir,
                                           FLAGS.train_examples, FLAGS.batch_size)
-    for pruner in {"snip", "grasp"} & set(settings["pruners"]):
+    for pruner in set(cfg_lib.DATA_PRUNERS) & set(settings["pruners"]):
       per_class = probe_config(settings, pruner, "none", 0.0, "collapse").prune_per_class
       pipeline.check_prune_examples(dataset, per_class, f"--train_examples={FLAGS.train_examples}",
                                     "raise it, or leave snip and grasp out of --pruners")

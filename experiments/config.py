@@ -16,6 +16,7 @@ SCHEDULES = ("exponential", "linear")
 SCOPES = ("global", "local")
 MAG_PRE_EPOCHS = 10
 PAPER_PRUNERS = ("rand", "mag", "snip", "grasp", "synflow")
+DATA_PRUNERS = ("snip", "grasp")  # the pruners that score with (class-balanced) examples
 PAPER_COMPRESSIONS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 

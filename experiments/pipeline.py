@@ -29,6 +29,7 @@ from bfprune.pruning import schedule
 from bfprune.structured import layers, monarch
 
 from experiments import distributed
+from experiments import config as cfg_lib
 from experiments.config import RunConfig
 
 Log = Callable[[str], None]
@@ -198,7 +199,7 @@ def _score_and_prune(cfg: RunConfig, model, dataset: data_lib.Dataset,
     return model.apply({"params": p, "batch_stats": stats} if stats else {"params": p}, x,
                        train=False)
   batch = None
-  if cfg.pruner in ("snip", "grasp"):  # the only pruners that score with examples
+  if cfg.pruner in cfg_lib.DATA_PRUNERS:
     idx = data_lib.class_balanced_sample(dataset.train_y, cfg.prune_per_class, cfg.seed)
     batch = (jnp.asarray(dataset.train_x[idx]), jnp.asarray(dataset.train_y[idx]))
   score_fn = schedule.make_score_fn(cfg.pruner, apply_fn, batch=batch, input_shape=in_shape,

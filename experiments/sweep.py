@@ -116,7 +116,7 @@ _USED_BY = {
     "prune_scope": (lambda c: c.pruner != "none", "no run prunes (--pruner=none)"),
     "prune_schedule": (lambda c: c.pruner != "none" and c.prune_rounds > 1,
                        "every run prunes in one round (see --prune_rounds)"),
-    "prune_per_class": (lambda c: c.pruner in ("snip", "grasp"),
+    "prune_per_class": (lambda c: c.pruner in cfg_lib.DATA_PRUNERS,
                         "only snip and grasp prune with examples"),
     "factorize_with": (lambda c: c.factorize != "none",
                        "no run has structured layers (--factorize=none)"),
@@ -350,7 +350,7 @@ def main(argv):
       ds = pipeline.load_training_data(configs[0].dataset, FLAGS.data_dir,
                                        FLAGS.train_examples, configs[0].batch_size,
                                        FLAGS.test_examples)
-      if any(c.pruner in ("snip", "grasp") for c in todo):  # before any run starts
+      if any(c.pruner in cfg_lib.DATA_PRUNERS for c in todo):  # before any run starts
         pipeline.check_prune_examples(ds, FLAGS.prune_per_class,
                                       _flag_text("prune_per_class"),
                                       "lower it, or raise --train_examples")
