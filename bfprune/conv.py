@@ -8,10 +8,13 @@
 * ``"cpu"``: the same function with a custom VJP whose formulation is chosen per spatial size
   for XLA:CPU (measured on a 2-core x86-64 CPU, batch 256, VGG16's layers):
 
-  - forward and input gradient: XLA's convolution (the input gradient is the "same" convolution
-    of the output gradient with the flipped, in/out-transposed kernel), except at H*W <= 4
-    (VGG16's 2x2 layers), where XLA:CPU's convolution takes seconds and one im2col matmul
-    takes tens of milliseconds;
+  - forward and input gradient (the input gradient is the "same" convolution of the output
+    gradient with the flipped, in/out-transposed kernel): at H*W <= 4 (VGG16's 2x2 layers),
+    where XLA:CPU's convolution takes seconds, one im2col matmul (tens of milliseconds); at
+    even H and W from 4x4 on with >= 16 input channels, Winograd F(2x2, 3x3) in chunks of a few
+    images (16 batched (c H W / 4, Cin) @ (Cin, Cout) matmuls: 16/36 of the multiplies, 1.2-4x
+    faster than XLA:CPU's convolution on VGG16's layers); otherwise (VGG16's conv1, odd sizes)
+    XLA's convolution;
   - kernel gradient: XLA:CPU lowers it to a convolution with an HxW window that runs 2-6x
     slower than the forward pass (1.5 s vs 0.26 s of CPU time at 16x16, 128 channels). Here it
     is a sum of matmuls over chunks of a few images (a ``lax.scan``), each chunk's operands
@@ -26,7 +29,7 @@
   conditional).
 
 All three compute the same function; the custom VJP is differentiable again (its backward pass
-is made of convolutions, pads, concatenations and matmuls), so forward-over-reverse products such
+is made of convolutions, pads, concatenations, Winograd transforms and matmuls), so forward-over-reverse products such
 as GraSP's Hessian-gradient product work through it. Plain forward mode (``jax.jvp`` of the
 convolution itself) is not defined for a custom VJP: use ``impl="generic"`` for that.
 """
@@ -50,6 +53,13 @@ SHIFTED_MIN_PIXELS = 64
 # Bytes of one chunk's expanded operand: small enough to stay in cache while it is multiplied.
 SHIFTED_CHUNK_BYTES = 4 << 20
 IM2COL_CHUNK_BYTES = 16 << 20
+# The CPU path's forward / input gradient uses Winograd F(2x2, 3x3) from this H * W on (even H
+# and W) with at least WINOGRAD_MIN_CHANNELS input channels (VGG16's conv1, 3 channels, keeps
+# XLA's), in chunks whose transformed input or output (4 H W max(Cin, Cout) floats per image)
+# stays within WINOGRAD_CHUNK_BYTES.
+WINOGRAD_MIN_PIXELS = 16
+WINOGRAD_MIN_CHANNELS = 16
+WINOGRAD_CHUNK_BYTES = 8 << 20
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -108,6 +118,67 @@ def _scan_chunks(body, x: jax.Array, dy: jax.Array, chunk: int, padded: int, ini
 _CONTRACT_NHW = (((0, 1, 2), (0, 1, 2)), ((), ()))
 
 
+# Winograd F(2x2, 3x3): a 2x2 output tile from a 4x4 input tile in 16 multiplies per channel
+# pair instead of 36. Y = A^T [(G g G^T) * (B^T d B)] A, with these (Lavin & Gray, 2016):
+# B^T rows combine input rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3), G maps the 3 kernel taps to
+# 4, A^T rows combine the 4 products into 2 outputs (m0 + m1 + m2, m1 - m2 - m3).
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _winograd_in(d: list) -> list:
+  """B^T along one axis: four strided input slices -> four transformed ones."""
+  return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def _winograd_out(m: list) -> list:
+  """A^T along one axis: four products -> the tile's two outputs."""
+  return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+def winograd_kernel(kernel: jax.Array) -> jax.Array:
+  """(3, 3, Cin, Cout) -> (16, Cin, Cout): G g G^T per channel pair, tile positions flattened."""
+  g = jnp.asarray(_WINOGRAD_G, kernel.dtype)
+  u = jnp.einsum("pa,abio,qb->pqio", g, kernel, g, precision=lax.Precision.HIGHEST)
+  return u.reshape((16,) + kernel.shape[2:])
+
+
+def _winograd_chunk(x: jax.Array, u: jax.Array, precision=None) -> jax.Array:
+  n, h, w, cin = x.shape
+  cout = u.shape[-1]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  rows = _winograd_in([xp[:, r:r + h:2] for r in range(4)])  # 4 x (n, h/2, w+2, cin)
+  v = jnp.stack([t for row in rows
+                 for t in _winograd_in([row[:, :, c:c + w:2] for c in range(4)])])
+  m = lax.dot_general(v.reshape(16, -1, cin), u, (((2,), (1,)), ((0,), (0,))),
+                      precision=precision).reshape(4, 4, n, h // 2, w // 2, cout)
+  # y[n, 2i + a, 2j + b] = Y_ab[n, i, j]
+  y = jnp.stack([jnp.stack(_winograd_out([r[q] for q in range(4)]), 3)
+                 for r in _winograd_out([m[p] for p in range(4)])], 2)
+  return y.reshape(n, h, w, cout)
+
+
+def winograd_conv(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+  """The same convolution by Winograd F(2x2, 3x3), for even H and W.
+
+  Per chunk of c images (``lax.map``): the 16 transformed input planes (16, c H W / 4, Cin)
+  times the transformed kernel (16, Cin, Cout) as one batched matmul, 16/36 of the direct
+  convolution's multiplies, then the output transform. Its float32 rounding differs from the
+  direct sum by ~1e-6 relative (the transforms only add, subtract and halve).
+  """
+  n, h, w, cin = x.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"winograd_conv needs even H and W, got x {x.shape}")
+  u = winograd_kernel(kernel)
+  per_image = 4 * h * w * max(cin, kernel.shape[-1]) * x.dtype.itemsize
+  chunk, padded = _chunking(n, max(1, WINOGRAD_CHUNK_BYTES // per_image))
+  if padded == chunk:
+    return _winograd_chunk(x, u, precision)
+  xs = jnp.pad(x, ((0, padded - n),) + ((0, 0),) * 3)
+  ys = lax.map(lambda xc: _winograd_chunk(xc, u, precision),
+               xs.reshape((padded // chunk, chunk) + x.shape[1:]))
+  return ys.reshape((padded, h, w, kernel.shape[-1]))[:n]
+
+
 def _kernel_grad_shifted(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
   """dL/dkernel (3, 3, Cin, Cout) from x (N, H, W, Cin) and dy (N, H, W, Cout).
 
@@ -158,9 +229,18 @@ def kernel_grad(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
   return _kernel_grad_xla(x, dy, precision)
 
 
+def uses_winograd(x_shape: tuple, kernel_shape: tuple) -> bool:
+  """Whether the CPU path's forward computes this convolution by Winograd F(2x2, 3x3)."""
+  _, h, w, cin = x_shape
+  return (h % 2 == 0 and w % 2 == 0 and h * w >= WINOGRAD_MIN_PIXELS
+          and cin >= WINOGRAD_MIN_CHANNELS)
+
+
 def _forward_cpu(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
   if x.shape[1] * x.shape[2] <= IM2COL_MAX_PIXELS:
     return im2col_conv(x, kernel, precision)
+  if uses_winograd(x.shape, kernel.shape):
+    return winograd_conv(x, kernel, precision)
   return xla_conv(x, kernel, precision)
 
 

@@ -27,8 +27,9 @@ def _loss(f, w):
   return lambda x, k: jnp.sum(jnp.tanh(f(x, k)) * w)
 
 
-# (h, w) per CPU branch: 1x1 / 2x2 im2col forward + XLA kernel gradient; 4x4 XLA forward +
-# chunked-im2col kernel gradient; 8x9 XLA forward + shifted-copies kernel gradient.
+# (h, w) per CPU branch with 5 -> 4 channels (Winograd needs >= 16 input channels: tested
+# below): 1x1 / 2x2 im2col forward + XLA kernel gradient; 4x4 XLA forward + chunked-im2col
+# kernel gradient; 8x9 XLA forward + shifted-copies kernel gradient.
 CASES = [("auto", (1, 1)), ("auto", (2, 2)), ("auto", (4, 4)), ("auto", (8, 9)),
          ("cpu", (2, 3)), ("cpu", (8, 8)), ("generic", (4, 5))]
 
@@ -75,11 +76,54 @@ def test_chunked_kernel_gradient_with_scan_and_zero_padding(monkeypatch):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("hw", [(2, 2), (8, 8)])
-def test_forward_over_reverse_hessian_product_matches_plain_conv(hw):
-  """GraSP's H g = jvp(grad L)(θ; g) through two stacked convs with the custom VJP."""
-  x, k1, _ = _data(2, *hw, 3, 4)
-  k2 = jax.random.normal(jax.random.key(9), (3, 3, 4, 2))
+def test_winograd_conv_one_chunk_and_mapped_chunks_with_zero_padding(monkeypatch):
+  """winograd_conv directly: one chunk, then a budget of 8 images that makes lax.map run over
+  n = 11 (prime) zero-padded to 16; odd sizes are refused."""
+  n, cin, cout = 11, 16, 5
+  x, k, _ = _data(n, 6, 8, cin, cout, 3)
+  want = reference_conv(x, k)
+  f = lambda: jax.jit(lambda x, k: conv.winograd_conv(x, k, HIGHEST))
+  np.testing.assert_allclose(f()(x, k), want, rtol=1e-4, atol=1e-4)
+  monkeypatch.setattr(conv, "WINOGRAD_CHUNK_BYTES", 4 * 6 * 8 * cin * 4 * 8)
+  g = f()
+  assert "stablehlo.while" in g.lower(x, k).as_text()
+  np.testing.assert_allclose(g(x, k), want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="even H and W"):
+    conv.winograd_conv(x[:, :5], k)
+
+
+def test_winograd_kernel_of_a_centre_tap_is_the_outer_product_of_gs_middle_column():
+  """G e_1 = (0, 1/2, -1/2, 0): a centre-only kernel transforms to its outer product."""
+  k = jnp.zeros((3, 3, 1, 1)).at[1, 1].set(1.0)
+  col = np.array([0.0, 0.5, -0.5, 0.0])
+  np.testing.assert_allclose(conv.winograd_kernel(k).reshape(4, 4), np.outer(col, col))
+
+
+def test_forward_formulation_choice():
+  assert conv.uses_winograd((256, 4, 4, 512), (3, 3, 512, 512))
+  assert conv.uses_winograd((256, 32, 32, 64), (3, 3, 64, 64))
+  assert not conv.uses_winograd((256, 32, 32, 3), (3, 3, 3, 64))  # conv1: XLA's
+  assert not conv.uses_winograd((256, 8, 9, 64), (3, 3, 64, 64))  # odd width
+  assert not conv.uses_winograd((256, 2, 2, 512), (3, 3, 512, 512))  # too small (im2col there)
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (8, 6)])
+def test_winograd_path_forward_and_both_gradients(hw):
+  """16 channels in and out: forward and input gradient both by Winograd."""
+  x, k, w = _data(3, *hw, 16, 16, 4)
+  assert conv.uses_winograd(x.shape, k.shape) and conv.uses_winograd(w.shape, k.shape)
+  got = _outputs_and_grads(lambda x, k: conv.conv3x3(x, k, impl="cpu", precision=HIGHEST), w)
+  want = _outputs_and_grads(reference_conv, w)
+  for g, r in zip(jax.tree.leaves(got(x, k)), jax.tree.leaves(want(x, k))):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw, c", [((2, 2), 4), ((8, 8), 4), ((4, 4), 16)])
+def test_forward_over_reverse_hessian_product_matches_plain_conv(hw, c):
+  """GraSP's H g = jvp(grad L)(θ; g) through two stacked convs with the custom VJP (c = 16:
+  the second conv's forward and input gradient by Winograd)."""
+  x, k1, _ = _data(2, *hw, 3, c)
+  k2 = jax.random.normal(jax.random.key(9), (3, 3, c, 2))
   y = jax.random.normal(jax.random.key(8), (2, *hw, 2))
 
   def loss(f):
@@ -90,8 +134,8 @@ def test_forward_over_reverse_hessian_product_matches_plain_conv(hw):
   hg = lambda f: jax.jit(lambda ks, t: jax.jvp(jax.grad(loss(f)), (ks,), (t,))[1])
   got = hg(cpu)((k1, k2), tangent)
   want = hg(reference_conv)((k1, k2), tangent)
-  for g, r in zip(got, want):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  for g, r in zip(got, want):  # float32 sums of differently ordered terms: atol by scale
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=max(1e-4, 1e-5 * float(np.abs(r).max())))
 
 
 def test_conv3x3_rejects_bad_impl_and_shapes():
