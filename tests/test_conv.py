@@ -50,9 +50,10 @@ def test_conv3x3_matches_lax_conv_forward_and_both_gradients(impl, hw):
 
 def test_kernel_gradient_formulations_agree_with_the_transposed_conv():
   """Each kernel-gradient branch directly (whatever size kernel_grad would route it to)."""
-  x, k, dy = _data(4, 5, 6, 3, 7)
+  x, k, dy = _data(4, 4, 6, 3, 7)
   want = jax.vjp(lambda k: reference_conv(x, k), k)[1](dy)[0]
-  fs = (conv._kernel_grad_shifted, conv._kernel_grad_im2col, conv._kernel_grad_xla)
+  fs = (conv._kernel_grad_shifted, conv._kernel_grad_im2col, conv._kernel_grad_xla,
+        conv._kernel_grad_winograd)
   got = jax.jit(lambda x, dy: [f(x, dy, HIGHEST) for f in fs])(x, dy)
   for f, g in zip(fs, got):
     np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4, err_msg=f.__name__)
@@ -77,8 +78,8 @@ def test_chunked_kernel_gradient_with_scan_and_zero_padding(monkeypatch):
 
 
 def test_winograd_conv_one_chunk_and_mapped_chunks_with_zero_padding(monkeypatch):
-  """winograd_conv directly: one chunk, then a budget of 8 images that makes lax.map run over
-  n = 11 (prime) zero-padded to 16; odd sizes are refused."""
+  """winograd_conv directly: one chunk, then a budget of 8 images that makes lax.map (and the
+  kernel gradient's lax.scan) run over n = 11 (prime) zero-padded to 16; odd sizes refused."""
   n, cin, cout = 11, 16, 5
   x, k, _ = _data(n, 6, 8, cin, cout, 3)
   want = reference_conv(x, k)
@@ -88,6 +89,11 @@ def test_winograd_conv_one_chunk_and_mapped_chunks_with_zero_padding(monkeypatch
   g = f()
   assert "stablehlo.while" in g.lower(x, k).as_text()
   np.testing.assert_allclose(g(x, k), want, rtol=1e-4, atol=1e-4)
+  dy = jax.random.normal(jax.random.key(4), want.shape)  # kernel gradient: lax.scan over chunks
+  dk = jax.jit(lambda x, dy: conv._kernel_grad_winograd(x, dy, HIGHEST))
+  assert "stablehlo.while" in dk.lower(x, dy).as_text()
+  np.testing.assert_allclose(dk(x, dy), jax.vjp(lambda k: reference_conv(x, k), k)[1](dy)[0],
+                             rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="even H and W"):
     conv.winograd_conv(x[:, :5], k)
 
@@ -100,18 +106,18 @@ def test_winograd_kernel_of_a_centre_tap_is_the_outer_product_of_gs_middle_colum
 
 
 def test_forward_formulation_choice():
-  assert conv.uses_winograd((256, 4, 4, 512), (3, 3, 512, 512))
-  assert conv.uses_winograd((256, 32, 32, 64), (3, 3, 64, 64))
-  assert not conv.uses_winograd((256, 32, 32, 3), (3, 3, 3, 64))  # conv1: XLA's
-  assert not conv.uses_winograd((256, 8, 9, 64), (3, 3, 64, 64))  # odd width
-  assert not conv.uses_winograd((256, 2, 2, 512), (3, 3, 512, 512))  # too small (im2col there)
+  assert conv.uses_winograd((256, 4, 4, 512))
+  assert conv.uses_winograd((256, 32, 32, 64))
+  assert not conv.uses_winograd((256, 32, 32, 3))  # conv1: XLA's
+  assert not conv.uses_winograd((256, 8, 9, 64))  # odd width
+  assert not conv.uses_winograd((256, 2, 2, 512))  # too small (im2col there)
 
 
 @pytest.mark.parametrize("hw", [(4, 4), (8, 6)])
 def test_winograd_path_forward_and_both_gradients(hw):
   """16 channels in and out: forward and input gradient both by Winograd."""
   x, k, w = _data(3, *hw, 16, 16, 4)
-  assert conv.uses_winograd(x.shape, k.shape) and conv.uses_winograd(w.shape, k.shape)
+  assert conv.uses_winograd(x.shape) and conv.uses_winograd(w.shape)
   got = _outputs_and_grads(lambda x, k: conv.conv3x3(x, k, impl="cpu", precision=HIGHEST), w)
   want = _outputs_and_grads(reference_conv, w)
   for g, r in zip(jax.tree.leaves(got(x, k)), jax.tree.leaves(want(x, k))):
