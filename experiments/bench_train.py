@@ -1,7 +1,7 @@
 r"""Train-step time: FC on MNIST-shaped and VGG16 on CIFAR-10-shaped data, optionally vs PyTorch.
 
   python experiments/bench_train.py [--models=fc,vgg16] [--steps=0] [--repeats=3] \
-      [--batch_size=256] [--factorize=none] [--compare_torch]
+      [--batch_size=256] [--factorize=none] [--compare_torch] [--per_layer]
 
 Times whole jitted chunks of optimizer steps, the code path sweep.py uses (``Trainer.train_steps``
 with ``--steps`` steps per call; 0 = sweep.py's chunk: 64 for the FC, 1 for VGG16), after a
@@ -15,6 +15,12 @@ dropout 0.1, 2x2 max-pools, a 2x2 average pool, one 512->10 linear; no BatchNorm
 ``torch.set_num_threads(<cores>)``. The two are timed alternately, chunk by chunk, in one process
 so both see the same machine load; the ratio ``bfprune / torch`` is printed per model. PyTorch
 comes from the ``bench`` extra (``pip install -e .[bench]``).
+
+``--per_layer`` adds where a VGG16 step's convolutions spend their time: each of the 13 3x3 convs
+alone (batch ``--batch_size``, median of ``--repeats``), its forward, input gradient and kernel
+gradient timed separately as ``Conv3x3`` computes them on this platform (each gradient jitted
+alone, so XLA drops the other), beside PyTorch's ``nn.Conv2d`` forward and
+``torch.autograd.grad`` for each gradient with ``--compare_torch``.
 
 By default the process first calls ``bfprune.platform.keep_freed_memory()`` (malloc reuses
 freed memory; it applies to both frameworks); ``--nokeep_freed_memory`` measures without it.
@@ -40,6 +46,8 @@ flags.DEFINE_integer("batch_size", 256, "Batch size")
 flags.DEFINE_string("factorize", "none", "none | head | all (layers of the benchmarked model)")
 flags.DEFINE_bool("compare_torch", False, "Also time the same train step in PyTorch (CPU) in "
                   "the same run and print the ratio")
+flags.DEFINE_bool("per_layer", False, "Also time each VGG16 conv's forward, input gradient and "
+                  "kernel gradient alone (and PyTorch's with --compare_torch)")
 flags.DEFINE_bool("small_matmul_options", True, "Compile as sweep.py does "
                   "(pipeline.compiler_options: on CPU the FC's dots on Eigen instead of "
                   "YNNPACK); --nosmall_matmul_options: the compiler's defaults")
@@ -175,6 +183,90 @@ def run(name: str, steps: int, repeats: int, batch: int, factorize: str,
   return r
 
 
+def vgg16_conv_shapes() -> list[tuple[int, int, int]]:
+  """(H = W, Cin, Cout) of VGG16's 13 convs on 32x32 inputs."""
+  from bfprune import models
+  shapes, hw, cin = [], 32, 3
+  for item in models.VGG16_PLAN:
+    if item == "M":
+      hw //= 2
+      continue
+    shapes.append((hw, cin, int(item)))
+    cin = int(item)
+  return shapes
+
+
+def _median_ms(f, repeats: int) -> float:
+  f()  # compiles / warms up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f()
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def per_layer(batch: int, repeats: int, with_torch: bool) -> list[dict]:
+  """Forward / input-gradient / kernel-gradient ms of each VGG16 conv, bfprune's and PyTorch's."""
+  import jax
+  import numpy as np
+  from bfprune import conv
+  rows = []
+  rng = np.random.default_rng(0)
+  for i, (hw, cin, cout) in enumerate(vgg16_conv_shapes()):
+    x = jax.numpy.asarray(rng.standard_normal((batch, hw, hw, cin), np.float32))
+    k = jax.numpy.asarray(rng.standard_normal((3, 3, cin, cout), np.float32) * 0.05)
+    dy = jax.numpy.asarray(rng.standard_normal((batch, hw, hw, cout), np.float32))
+    fwd = jax.jit(conv.conv3x3)
+    dx = jax.jit(lambda x, k, dy: jax.vjp(conv.conv3x3, x, k)[1](dy)[0])
+    dk = jax.jit(lambda x, k, dy: jax.vjp(conv.conv3x3, x, k)[1](dy)[1])
+    r = {"layer": f"conv{i + 1}", "hw": hw, "cin": cin, "cout": cout,
+         "fwd": _median_ms(lambda: jax.block_until_ready(fwd(x, k)), repeats),
+         "dx": _median_ms(lambda: jax.block_until_ready(dx(x, k, dy)), repeats),
+         "dk": _median_ms(lambda: jax.block_until_ready(dk(x, k, dy)), repeats)}
+    if with_torch:
+      import torch
+      tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous().requires_grad_()
+      tdy = torch.from_numpy(np.array(dy)).permute(0, 3, 1, 2).contiguous()
+      layer = torch.nn.Conv2d(cin, cout, 3, padding=1)
+      r["torch_fwd"] = _median_ms(lambda: layer(tx), repeats)
+      ty = layer(tx)
+      r["torch_dx"] = _median_ms(
+          lambda: torch.autograd.grad(ty, tx, tdy, retain_graph=True), repeats)
+      r["torch_dk"] = _median_ms(
+          lambda: torch.autograd.grad(ty, layer.weight, tdy, retain_graph=True), repeats)
+    rows.append(r)
+  return rows
+
+
+def print_per_layer(rows: list[dict], batch: int, repeats: int) -> None:
+  torch_cols = "torch_fwd" in rows[0]
+  print(f"\nVGG16 convs alone, batch {batch}, median of {repeats} (ms): forward / input gradient "
+        f"/ kernel gradient")
+  head = f"{'layer':<8}{'HxW':>6}{'Cin':>5}{'Cout':>6}{'fwd':>9}{'dx':>9}{'dk':>9}{'sum':>9}"
+  if torch_cols:
+    head += f"{'torch fwd':>11}{'torch dx':>10}{'torch dk':>10}{'torch sum':>11}{'ratio':>7}"
+  print(head)
+  total = {}
+  for r in rows + [None]:
+    if r is None:
+      r = dict(layer="total", hw=0, cin=0, cout=0, **total)
+    else:
+      for key in r:
+        if key in ("fwd", "dx", "dk") or key.startswith("torch_"):
+          total[key] = total.get(key, 0.0) + r[key]
+    ours = r["fwd"] + r["dx"] + r["dk"]
+    size = f"{r['hw']}^2" if r["hw"] else ""
+    line = (f"{r['layer']:<8}{size:>6}{r['cin'] or '':>5}{r['cout'] or '':>6}{r['fwd']:>9.1f}"
+            f"{r['dx']:>9.1f}{r['dk']:>9.1f}{ours:>9.1f}")
+    if torch_cols:
+      theirs = r["torch_fwd"] + r["torch_dx"] + r["torch_dk"]
+      line += (f"{r['torch_fwd']:>11.1f}{r['torch_dx']:>10.1f}{r['torch_dk']:>10.1f}"
+               f"{theirs:>11.1f}{ours / theirs:>7.2f}")
+    print(line, flush=True)
+  print("conv1's input gradient is not needed in training (XLA drops it from the step)")
+
+
 def default_steps(name: str) -> int:
   from experiments.pipeline import chunk_steps
   return chunk_steps(name)
@@ -221,6 +313,9 @@ def main(argv):
   if with_torch:
     print("ratio = bfprune step / PyTorch step (wall), both medians of chunks timed alternately "
           "in this run")
+  if FLAGS.per_layer:
+    print_per_layer(per_layer(FLAGS.batch_size, FLAGS.repeats, with_torch), FLAGS.batch_size,
+                    FLAGS.repeats)
 
 
 if __name__ == "__main__":
