@@ -11,10 +11,10 @@
   - forward and input gradient (the input gradient is the "same" convolution of the output
     gradient with the flipped, in/out-transposed kernel): at H*W <= 4 (VGG16's 2x2 layers),
     where XLA:CPU's convolution takes seconds, one im2col matmul (tens of milliseconds); at
-    even H and W from 4x4 on with >= 16 input channels, Winograd F(2x2, 3x3) in chunks of a few
-    images (16 batched (c H W / 4, Cin) @ (Cin, Cout) matmuls: 16/36 of the multiplies, 1.2-4x
-    faster than XLA:CPU's convolution on VGG16's layers); otherwise (VGG16's conv1, odd sizes)
-    XLA's convolution;
+    even H and W from 4x4 on with >= 16 input channels (32/64-bit floats), Winograd F(2x2, 3x3)
+    in chunks of a few images (16 batched (c H W / 4, Cin) @ (Cin, Cout) matmuls: 16/36 of the
+    multiplies, 1.2-4x faster than XLA:CPU's convolution on VGG16's layers); otherwise
+    (VGG16's conv1, odd sizes, 16-bit floats) XLA's convolution;
   - kernel gradient: XLA:CPU lowers it to a convolution with an HxW window that runs 2-6x
     slower than the forward pass (1.5 s vs 0.26 s of CPU time at 16x16, 128 channels). Here it
     is a sum of matmuls over chunks of a few images (a ``lax.scan``), each chunk's operands
@@ -33,8 +33,9 @@
 
 All three compute the same function; the custom VJP is differentiable again (its backward pass
 is made of convolutions, pads, concatenations, Winograd transforms and matmuls), so
-forward-over-reverse products such as GraSP's Hessian-gradient product work through it. Plain forward mode (``jax.jvp`` of the
-convolution itself) is not defined for a custom VJP: use ``impl="generic"`` for that.
+forward-over-reverse products such as GraSP's Hessian-gradient product work through it. Plain
+forward mode (``jax.jvp`` of the convolution itself) is not defined for a custom VJP: use
+``impl="generic"`` for that.
 """
 from __future__ import annotations
 
@@ -264,7 +265,7 @@ def _kernel_grad_xla(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
 def kernel_grad(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
   """The CPU path's dL/dkernel, formulation chosen by shape (see the module docstring)."""
   hw = x.shape[1] * x.shape[2]
-  if uses_winograd(x.shape) and hw <= WINOGRAD_KERNEL_GRAD_MAX_PIXELS:
+  if uses_winograd(x.shape, x.dtype) and hw <= WINOGRAD_KERNEL_GRAD_MAX_PIXELS:
     return _kernel_grad_winograd(x, dy, precision)
   if hw >= SHIFTED_MIN_PIXELS:
     return _kernel_grad_shifted(x, dy, precision)
@@ -273,18 +274,18 @@ def kernel_grad(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
   return _kernel_grad_xla(x, dy, precision)
 
 
-def uses_winograd(x_shape: tuple) -> bool:
+def uses_winograd(x_shape: tuple, dtype=jnp.float32) -> bool:
   """Whether the CPU path computes the forward of a convolution of an (N, H, W, Cin) input by
-  Winograd F(2x2, 3x3)."""
+  Winograd F(2x2, 3x3). Not in 16-bit floats, where its transforms' rounding would show."""
   _, h, w, cin = x_shape
   return (h % 2 == 0 and w % 2 == 0 and h * w >= WINOGRAD_MIN_PIXELS
-          and cin >= WINOGRAD_MIN_CHANNELS)
+          and cin >= WINOGRAD_MIN_CHANNELS and jnp.dtype(dtype).itemsize >= 4)
 
 
 def _forward_cpu(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
   if x.shape[1] * x.shape[2] <= IM2COL_MAX_PIXELS:
     return im2col_conv(x, kernel, precision)
-  if uses_winograd(x.shape):
+  if uses_winograd(x.shape, x.dtype):
     return winograd_conv(x, kernel, precision)
   return xla_conv(x, kernel, precision)
 

@@ -37,8 +37,9 @@ class Conv3x3(nn.Conv):
   Same parameters (``kernel`` (3, 3, Cin, Cout), ``bias`` (Cout,)), same outputs and the same
   FLOP accounting as ``nn.Conv(features, (3, 3), padding=1)``. ``impl`` ("auto" | "cpu" |
   "generic", see ``bfprune.conv``) picks the computation: on a CPU, "auto" uses formulations
-  tuned for XLA:CPU (im2col at 2x2, a chunked-matmul kernel gradient), elsewhere XLA's
-  convolution. Input NHWC (batch, H, W, Cin); output (batch, H, W, features).
+  tuned for XLA:CPU (Winograd F(2x2, 3x3) from 4x4 on, im2col at 2x2, chunked-matmul kernel
+  gradients), elsewhere XLA's convolution. Input NHWC (batch, H, W, Cin); output (batch, H, W,
+  features).
   """
   impl: str = "auto"
 

@@ -111,6 +111,7 @@ def test_forward_formulation_choice():
   assert not conv.uses_winograd((256, 32, 32, 3))  # conv1: XLA's
   assert not conv.uses_winograd((256, 8, 9, 64))  # odd width
   assert not conv.uses_winograd((256, 2, 2, 512))  # too small (im2col there)
+  assert not conv.uses_winograd((256, 4, 4, 512), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("hw", [(4, 4), (8, 6)])
