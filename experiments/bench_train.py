@@ -228,7 +228,7 @@ def per_layer(batch: int, repeats: int, with_torch: bool) -> list[dict]:
       import torch
       tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous().requires_grad_()
       tdy = torch.from_numpy(np.array(dy)).permute(0, 3, 1, 2).contiguous()
-      layer = torch.nn.Conv2d(cin, cout, 3, padding=1)
+      layer = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False)  # conv3x3 has none
       r["torch_fwd"] = _median_ms(lambda: layer(tx), repeats)
       ty = layer(tx)
       r["torch_dx"] = _median_ms(

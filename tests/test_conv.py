@@ -128,10 +128,11 @@ def test_winograd_path_forward_and_both_gradients(hw):
 @pytest.mark.parametrize("hw, c", [((2, 2), 4), ((8, 8), 4), ((4, 4), 16)])
 def test_forward_over_reverse_hessian_product_matches_plain_conv(hw, c):
   """GraSP's H g = jvp(grad L)(θ; g) through two stacked convs with the custom VJP (c = 16:
-  the second conv's forward and input gradient by Winograd)."""
+  the second conv's forward, input gradient (16 output channels) and kernel gradient by
+  Winograd, differentiated again)."""
   x, k1, _ = _data(2, *hw, 3, c)
-  k2 = jax.random.normal(jax.random.key(9), (3, 3, c, 2))
-  y = jax.random.normal(jax.random.key(8), (2, *hw, 2))
+  k2 = jax.random.normal(jax.random.key(9), (3, 3, c, c if c >= 16 else 2))
+  y = jax.random.normal(jax.random.key(8), (2, *hw, k2.shape[-1]))
 
   def loss(f):
     return lambda ks: jnp.sum(jnp.tanh(f(jnp.tanh(f(x, ks[0])), ks[1])) * y)
