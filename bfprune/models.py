@@ -210,6 +210,18 @@ class VGG16(nn.Module):
     return self.head(self.num_classes, name="head")(x)
 
 
+def vgg16_conv_shapes(hw: int = 32, channels: int = 3) -> list[tuple[int, int, int]]:
+  """(H = W, Cin, Cout) of VGG16's 13 convs on (hw, hw, channels) inputs."""
+  shapes = []
+  for item in VGG16_PLAN:
+    if item == "M":
+      hw //= 2
+      continue
+    shapes.append((hw, channels, int(item)))
+    channels = int(item)
+  return shapes
+
+
 def input_shape(dataset: str) -> tuple[int, int, int]:
   """Per-example input shape (H, W, C) of a dataset name."""
   shapes = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}

@@ -130,13 +130,7 @@ def per_layer(batch: int, repeats: int) -> None:
   from bfprune import models
   from bfprune.structured.layers import KOPS2D
 
-  shapes, hw, cin = [], 32, 3
-  for item in models.VGG16_PLAN:
-    if item == "M":
-      hw //= 2
-      continue
-    shapes.append((hw, cin, int(item)))
-    cin = int(item)
+  shapes = models.vgg16_conv_shapes()
   makers = {"xla_conv": xla_conv(), "im2col": im2col_conv(), "kops2d": KOPS2D}
   print(f"\nper layer, batch {batch}: median wall ms / CPU ms; ratios of CPU time "
         "(best = the faster dense conv)")

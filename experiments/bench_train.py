@@ -183,19 +183,6 @@ def run(name: str, steps: int, repeats: int, batch: int, factorize: str,
   return r
 
 
-def vgg16_conv_shapes() -> list[tuple[int, int, int]]:
-  """(H = W, Cin, Cout) of VGG16's 13 convs on 32x32 inputs."""
-  from bfprune import models
-  shapes, hw, cin = [], 32, 3
-  for item in models.VGG16_PLAN:
-    if item == "M":
-      hw //= 2
-      continue
-    shapes.append((hw, cin, int(item)))
-    cin = int(item)
-  return shapes
-
-
 def _median_ms(f, repeats: int) -> float:
   f()  # compiles / warms up
   times = []
@@ -210,10 +197,10 @@ def per_layer(batch: int, repeats: int, with_torch: bool) -> list[dict]:
   """Forward / input-gradient / kernel-gradient ms of each VGG16 conv, bfprune's and PyTorch's."""
   import jax
   import numpy as np
-  from bfprune import conv
+  from bfprune import conv, models
   rows = []
   rng = np.random.default_rng(0)
-  for i, (hw, cin, cout) in enumerate(vgg16_conv_shapes()):
+  for i, (hw, cin, cout) in enumerate(models.vgg16_conv_shapes()):
     x = jax.numpy.asarray(rng.standard_normal((batch, hw, hw, cin), np.float32))
     k = jax.numpy.asarray(rng.standard_normal((3, 3, cin, cout), np.float32) * 0.05)
     dy = jax.numpy.asarray(rng.standard_normal((batch, hw, hw, cout), np.float32))

@@ -8,7 +8,7 @@ from experiments import bench_train
 
 
 def test_vgg16_conv_shapes_follow_the_plan():
-  shapes = bench_train.vgg16_conv_shapes()
+  shapes = models.vgg16_conv_shapes()
   assert len(shapes) == 13 == sum(1 for item in models.VGG16_PLAN if item != "M")
   assert shapes[0] == (32, 3, 64) and shapes[1] == (32, 64, 64) and shapes[-1] == (2, 512, 512)
   for (_, _, cout), (_, cin, _) in zip(shapes, shapes[1:]):
@@ -18,7 +18,7 @@ def test_vgg16_conv_shapes_follow_the_plan():
 
 
 def test_per_layer_times_each_op_and_the_table_sums_them(monkeypatch, capsys):
-  monkeypatch.setattr(bench_train, "vgg16_conv_shapes", lambda: [(4, 16, 8), (2, 8, 16)])
+  monkeypatch.setattr(models, "vgg16_conv_shapes", lambda: [(4, 16, 8), (2, 8, 16)])
   rows = bench_train.per_layer(batch=2, repeats=1, with_torch=False)
   assert [(r["hw"], r["cin"], r["cout"]) for r in rows] == [(4, 16, 8), (2, 8, 16)]
   assert all(r[k] > 0 for r in rows for k in ("fwd", "dx", "dk"))
