@@ -4,6 +4,7 @@ Each check runs in its own process: the script defines absl flags at import (``-
 bench_train.py does), so importing both into the test process would collide.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,11 +43,7 @@ def test_head_variant_is_the_dense_vgg16_with_a_structured_head():
   assert [512, 10] not in head.values()                               # replaced in the head model
   # a 512-point butterfly: log2(512) = 9 factors of 256 2x2 blocks, 2 n log2(n) twiddles
   twiddles = [s for k, s in head.items() if k not in dense and "twiddle" in k]
-  assert len(twiddles) == 1
-  size = 1
-  for d in twiddles[0]:
-    size *= d
-  assert size == 2 * 512 * 9
+  assert len(twiddles) == 1 and math.prod(twiddles[0]) == 2 * 512 * 9
 
 
 def test_main_prints_both_ratios_against_each_baseline():
