@@ -126,11 +126,12 @@ _EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 def small_matmul_options(platform: str) -> dict[str, str]:
   """``jax.jit(..., compiler_options=...)`` for programs made of small matmuls (an MLP of
   width ~100 at batch 256): on ``platform="cpu"`` the dots run on XLA's Eigen matmul instead of
-  YNNPACK, which made the FC train step 1.2-1.6x faster on a 2-core x86-64 VM (2026-12-07),
-  while VGG16's large conv matmuls got 8 % slower, hence opt-in per program. Empty (the
-  compiler's defaults) on every other platform, and where this jaxlib does not know the
-  (experimental) option. Same float32 math, another blocking: results agree to rounding, not
-  bit for bit.
+  YNNPACK. On 2-core x86-64 VMs (2026-12-07/08) that made the FC train step 1.1-1.6x faster
+  with nothing else running (AMD EPYC; on an Intel Xeon the two were within noise), but ~1.3x
+  slower with a second job on the cores; VGG16's large conv matmuls got 8-23 % slower. Hence
+  opt-in per program (``experiments/sweep.py`` turns it on for the FC). Empty (the compiler's
+  defaults) on every other platform, and where this jaxlib does not know the (experimental)
+  option. Same float32 math, another blocking: results agree to rounding, not bit for bit.
   """
   return dict(_EIGEN_DOTS) if platform == "cpu" and _cpu_takes_eigen_dots() else {}
 

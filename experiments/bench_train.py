@@ -37,6 +37,8 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments import cpu_flags  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("models", "fc,vgg16", "Comma list of fc | vgg16")
 flags.DEFINE_integer("steps", 0, "Optimizer steps per timed chunk (0: sweep.py's chunk, "
@@ -48,12 +50,7 @@ flags.DEFINE_bool("compare_torch", False, "Also time the same train step in PyTo
                   "the same run and print the ratio")
 flags.DEFINE_bool("per_layer", False, "Also time each VGG16 conv's forward, input gradient and "
                   "kernel gradient alone (and PyTorch's with --compare_torch)")
-flags.DEFINE_bool("small_matmul_options", True, "Compile as sweep.py does "
-                  "(pipeline.compiler_options: on CPU the FC's dots on Eigen instead of "
-                  "YNNPACK); --nosmall_matmul_options: the compiler's defaults")
-flags.DEFINE_bool("keep_freed_memory", True, "bfprune.platform.keep_freed_memory() first: "
-                  "malloc reuses freed memory instead of page-faulting each step's temporaries "
-                  "anew (process-wide: applies to PyTorch too)")
+cpu_flags.define_flags()
 
 
 class Bench:
@@ -261,8 +258,7 @@ def default_steps(name: str) -> int:
 
 def main(argv):
   del argv
-  from bfprune import platform
-  kept = FLAGS.keep_freed_memory and platform.keep_freed_memory()  # before JAX's first use
+  kept = cpu_flags.apply_keep_freed_memory()  # before JAX's first use
   import jax
   names = [m.strip() for m in FLAGS.models.split(",") if m.strip()]
   for m in names:

@@ -57,6 +57,7 @@ from absl import app, flags, logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import config as cfg_lib  # noqa: E402
+from experiments import cpu_flags  # noqa: E402
 from experiments import distributed  # noqa: E402
 from experiments import results_io  # noqa: E402
 
@@ -103,12 +104,7 @@ def define_flags() -> None:
                       "$XDG_CACHE_HOME/bfprune/jax). Each probe builds new closures (pruning "
                       "scores, collapse detector), which plain jit recompiles; the on-disk cache, "
                       "keyed by the compiled program, makes repeats cheaper")
-  flags.DEFINE_bool("small_matmul_options", True, "Compile the FC with "
-                    "bfprune.platform.small_matmul_options (on CPU: XLA's Eigen dots instead of "
-                    "YNNPACK); --nosmall_matmul_options: the compiler's defaults")
-  flags.DEFINE_bool("keep_freed_memory", True, "Make malloc keep freed memory for reuse "
-                    "(bfprune.platform.keep_freed_memory): saves ~9% of a VGG16 step on CPU, "
-                    "the process keeps its peak heap until it exits")
+  cpu_flags.define_flags()
   distributed.define_flags()
 
 
@@ -767,9 +763,7 @@ def main(argv):
     dry_run(settings, rows, settings["out_dir"] / RESULTS)
     return
 
-  if FLAGS.keep_freed_memory:  # before the first computation (threads keep their arenas)
-    from bfprune import platform
-    platform.keep_freed_memory()
+  cpu_flags.apply_keep_freed_memory()  # before the first computation
   distributed.initialize(dist)  # heavy imports after validation
   import jax
   if FLAGS.batch_size % jax.device_count():

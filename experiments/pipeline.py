@@ -31,6 +31,7 @@ from bfprune.structured import layers, monarch
 from experiments import distributed
 from experiments import config as cfg_lib
 from experiments.config import RunConfig
+from experiments.cpu_flags import SMALL_MATMUL_DEFAULT
 
 Log = Callable[[str], None]
 
@@ -226,17 +227,18 @@ class RunParts(NamedTuple):
   fit: Callable[..., tuple[train.TrainState, list[dict]]]
 
 
-def compiler_options(model: str, small_matmul: bool = True) -> Optional[dict[str, str]]:
+def compiler_options(model: str, small_matmul: bool = SMALL_MATMUL_DEFAULT) -> Optional[dict[str, str]]:
   """The XLA options a run's trainer compiles with: with ``small_matmul`` the FC (small
   matmuls) gets ``platform.small_matmul_options`` of the backend (on CPU: Eigen dots instead of
-  YNNPACK); VGG16, and everything without it, the compiler's defaults (None)."""
+  YNNPACK); VGG16, and everything without it, the compiler's defaults (None). The default is
+  ``sweep.py``'s (``cpu_flags.SMALL_MATMUL_DEFAULT``)."""
   if model != "fc" or not small_matmul:
     return None
   return platform.small_matmul_options(jax.default_backend()) or None
 
 
 def build_run(cfg: RunConfig, dataset: data_lib.Dataset,
-              history_log: Optional[Log] = None, small_matmul: bool = True) -> RunParts:
+              history_log: Optional[Log] = None, small_matmul: bool = SMALL_MATMUL_DEFAULT) -> RunParts:
   """Model, initialisation (``cfg.seed``), all-kept masks, trainer and test batches of a run
   (``small_matmul``: see ``compiler_options``)."""
   cfg.validate()
@@ -409,7 +411,7 @@ def timed_sparse_inference(cfg: RunConfig, params, masks, test_x: np.ndarray,
 def run_one(cfg: RunConfig, dataset: data_lib.Dataset, log: Log = print,
             history_log: Optional[Log] = None,
             ckpt_dir: Optional[str] = None, time_sparse: bool = True,
-            small_matmul: bool = True) -> dict[str, Any]:
+            small_matmul: bool = SMALL_MATMUL_DEFAULT) -> dict[str, Any]:
   """Runs one configuration end to end and returns its results row (JSON-serialisable).
 
   With ``ckpt_dir`` the run checkpoints after every epoch and resumes from the latest

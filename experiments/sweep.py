@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import claims as claims_lib  # noqa: E402
 from experiments import config as cfg_lib  # noqa: E402
+from experiments import cpu_flags  # noqa: E402
 from experiments import distributed  # noqa: E402
 from experiments import results_io  # noqa: E402
 
@@ -98,13 +99,7 @@ flags.DEFINE_float("claim_timeout", 600.0, "Seconds without a heartbeat (refresh
 flags.DEFINE_bool("sparse_inference", True, "Time a real sparse (BCSR) test-set pass of the "
                   "pruned model for the row's inference_seconds_sparse (--model=fc or vgg16 "
                   "with --factorize=none; a VGG16 pass takes 10-45 s on a 2-core CPU)")
-flags.DEFINE_bool("small_matmul_options", True, "Compile the FC with "
-                  "bfprune.platform.small_matmul_options (on CPU: XLA's Eigen dots instead of "
-                  "YNNPACK, ~1.5x faster steps; rounding-level differences); recorded in the "
-                  "row's compiler_options")
-flags.DEFINE_bool("keep_freed_memory", True, "Make malloc keep freed memory for reuse "
-                  "(bfprune.platform.keep_freed_memory): saves ~9% of a VGG16 step on CPU, the "
-                  "process keeps its peak heap until it exits")
+cpu_flags.define_flags()
 distributed.define_flags()
 
 # Flags that only some runs use: given explicitly while no run of the command uses them, they
@@ -300,9 +295,7 @@ def main(argv):
     return
 
   # Heavy imports after validation so a bad flag fails in a fraction of a second.
-  if FLAGS.keep_freed_memory:  # before the first computation (threads keep their arenas)
-    from bfprune import platform
-    platform.keep_freed_memory()
+  cpu_flags.apply_keep_freed_memory()  # before the first computation
   distributed.initialize(dist)
   import jax
   import numpy as np

@@ -28,10 +28,11 @@ def _loss(f, w):
 
 
 # (h, w) per CPU branch with 5 -> 4 channels (Winograd needs >= 16 input channels: tested
-# below): 1x1 / 2x2 im2col forward + XLA kernel gradient; 4x4 XLA forward + chunked-im2col
-# kernel gradient; 8x9 XLA forward + shifted-copies kernel gradient.
-CASES = [("auto", (1, 1)), ("auto", (2, 2)), ("auto", (4, 4)), ("auto", (8, 9)),
-         ("cpu", (2, 3)), ("cpu", (8, 8)), ("generic", (4, 5))]
+# below): 1x1 / 1x2 / 2x2 whole-image matmul forward and kernel gradient; 1x3 im2col forward +
+# XLA kernel gradient; 4x4 XLA forward + chunked-im2col kernel gradient; 8x9 XLA forward +
+# shifted-copies kernel gradient.
+CASES = [("auto", (1, 1)), ("auto", (2, 2)), ("cpu", (1, 2)), ("auto", (1, 3)), ("auto", (4, 4)),
+         ("auto", (8, 9)), ("cpu", (2, 3)), ("cpu", (8, 8)), ("generic", (4, 5))]
 
 
 def _outputs_and_grads(f, w):
@@ -105,12 +106,29 @@ def test_winograd_kernel_of_a_centre_tap_is_the_outer_product_of_gs_middle_colum
   np.testing.assert_allclose(conv.winograd_kernel(k).reshape(4, 4), np.outer(col, col))
 
 
+def test_whole_image_kernel_places_each_tap_between_its_pixel_pair():
+  """At 2x2 input pixel (a, b) reaches output pixel (i, j) through tap (a - i + 1, b - j + 1):
+  with kernel[p, q] = 10 p + q (one channel) the 4x4 matrix is known entry by entry."""
+  k = (10.0 * jnp.arange(3)[:, None] + jnp.arange(3)[None, :]).reshape(3, 3, 1, 1)
+  pixels = [(0, 0), (0, 1), (1, 0), (1, 1)]
+  want = [[10 * (a - i + 1) + (b - j + 1) for (i, j) in pixels] for (a, b) in pixels]
+  np.testing.assert_array_equal(conv.whole_image_kernel(k, 2, 2), np.array(want, np.float32))
+  np.testing.assert_array_equal(conv.whole_image_kernel(k, 1, 1), [[11.0]])  # centre tap only
+  x, k, dy = _data(3, 2, 2, 6, 5)  # the kernel gradient directly, against the transposed conv
+  want = jax.vjp(lambda k: reference_conv(x, k), k)[1](dy)[0]
+  np.testing.assert_allclose(conv._kernel_grad_whole_image(x, dy, HIGHEST), want, rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_forward_formulation_choice():
+  assert conv.uses_whole_image((256, 2, 2, 512)) and conv.uses_whole_image((8, 1, 2, 3))
+  assert not conv.uses_whole_image((256, 1, 3, 512))
+  assert not conv.uses_whole_image((256, 4, 4, 512))
   assert conv.uses_winograd((256, 4, 4, 512))
   assert conv.uses_winograd((256, 32, 32, 64))
   assert not conv.uses_winograd((256, 32, 32, 3))  # conv1: XLA's
   assert not conv.uses_winograd((256, 8, 9, 64))  # odd width
-  assert not conv.uses_winograd((256, 2, 2, 512))  # too small (im2col there)
+  assert not conv.uses_winograd((256, 2, 2, 512))  # too small (whole-image matmul there)
   assert not conv.uses_winograd((256, 4, 4, 512), jnp.bfloat16)
 
 
