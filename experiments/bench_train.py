@@ -1,12 +1,16 @@
 r"""Train-step time: FC on MNIST-shaped and VGG16 on CIFAR-10-shaped data, optionally vs PyTorch.
 
-  python experiments/bench_train.py [--models=fc,vgg16] [--steps=0] [--repeats=3] \
+  python experiments/bench_train.py [--models=fc,vgg16] [--steps=0] [--calls=0] [--repeats=3] \
       [--batch_size=256] [--factorize=none] [--compare_torch] [--per_layer]
 
 Times whole jitted chunks of optimizer steps, the code path sweep.py uses (``Trainer.train_steps``
 with ``--steps`` steps per call; 0 = sweep.py's chunk: 64 for the FC, 1 for VGG16), after a
 warm-up chunk that compiles, on random inputs of the right shape (throughput does not depend on
-pixels). ``step_ms`` is the median chunk time divided by its steps.
+pixels). A timed chunk is ``--calls`` such calls back to back (0: 4 for the FC, 256 steps, about
+one MNIST epoch, as sweep.py runs them; 1 for VGG16): a lone 64-step FC call (~0.1 s) measured
+up to 20 % slower right after the CPU did something else (PyTorch's chunk, or 0.2 s idle),
+while back-to-back calls, like an epoch of sweep.py, do not pay that. ``step_ms`` is the median
+chunk time divided by its steps.
 
 ``--compare_torch`` builds the same networks as a plain PyTorch ``nn.Sequential`` (FC: 784-100x5-10
 with ReLU and dropout 0.1; VGG16: the 13 3x3 convs of ``models.VGG16_PLAN`` with bias, ReLU and
@@ -43,6 +47,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("models", "fc,vgg16", "Comma list of fc | vgg16")
 flags.DEFINE_integer("steps", 0, "Optimizer steps per timed chunk (0: sweep.py's chunk, "
                      "64 for fc, 1 for vgg16)")
+flags.DEFINE_integer("calls", 0, "Jitted calls of --steps steps per timed chunk, back to back "
+                     "(0: 4 for fc, 1 for vgg16); PyTorch runs as many steps per chunk")
 flags.DEFINE_integer("repeats", 3, "Timed chunks (median reported)")
 flags.DEFINE_integer("batch_size", 256, "Batch size")
 flags.DEFINE_string("factorize", "none", "none | head | all (layers of the benchmarked model)")
@@ -87,12 +93,13 @@ class Bench:
         (jnp.asarray(self.x), jnp.asarray(self.y), masks))
     self.key = jax.random.key(0)
 
-  def chunk(self) -> tuple[float, float]:
-    """Runs one chunk of steps; returns its (wall, process CPU) seconds."""
+  def chunk(self, calls: int = 1) -> tuple[float, float]:
+    """Runs ``calls`` jitted calls of steps; returns their (wall, process CPU) seconds."""
     import jax
     t0, c0 = time.perf_counter(), time.process_time()
-    self.state, loss = self.trainer.train_steps(self.state, self.masks, self.xs, self.ys,
-                                                self.idx, self.key)
+    for _ in range(calls):
+      self.state, loss = self.trainer.train_steps(self.state, self.masks, self.xs, self.ys,
+                                                  self.idx, self.key)
     jax.block_until_ready(loss)
     return time.perf_counter() - t0, time.process_time() - c0
 
@@ -142,10 +149,10 @@ class TorchBench:
     y = torch.from_numpy(bench.y).long()
     self.batches = [(x[i], y[i]) for i in (torch.from_numpy(r) for r in bench.idx)]
 
-  def chunk(self) -> tuple[float, float]:
+  def chunk(self, calls: int = 1) -> tuple[float, float]:
     import torch.nn.functional as F
     t0, c0 = time.perf_counter(), time.process_time()
-    for x, y in self.batches:
+    for x, y in self.batches * calls:
       self.opt.zero_grad(set_to_none=True)
       loss = F.cross_entropy(self.model(x), y)
       loss.backward()
@@ -155,8 +162,9 @@ class TorchBench:
 
 
 def run(name: str, steps: int, repeats: int, batch: int, factorize: str,
-        with_torch: bool) -> dict:
-  """Times bfprune (and PyTorch) alternately: one warm-up chunk each, then ``repeats`` each."""
+        with_torch: bool, calls: int = 1) -> dict:
+  """Times bfprune (and PyTorch) alternately: one warm-up chunk each, then ``repeats`` each,
+  a chunk being ``calls`` jitted calls of ``steps`` steps (the same steps in PyTorch)."""
   b = Bench(name, steps, batch, factorize)
   t = TorchBench(name, b) if with_torch else None
   first = b.chunk()[0]
@@ -164,10 +172,10 @@ def run(name: str, steps: int, repeats: int, batch: int, factorize: str,
     t.chunk()
   jt, tt = [], []
   for _ in range(repeats):
-    jt.append(b.chunk())
+    jt.append(b.chunk(calls))
     if t is not None:
-      tt.append(t.chunk())
-  ms = lambda times, i: [1e3 * x[i] / steps for x in times]
+      tt.append(t.chunk(calls))
+  ms = lambda times, i: [1e3 * x[i] / (steps * calls) for x in times]
   r = {"model": f"{name}/{b.dataset}", "factorize": factorize, "batch": batch,
        "step_ms": statistics.median(ms(jt, 0)), "cpu_ms": statistics.median(ms(jt, 1)),
        "spread_ms": (min(ms(jt, 0)), max(ms(jt, 0))), "first_chunk_s": first}
@@ -256,6 +264,11 @@ def default_steps(name: str) -> int:
   return chunk_steps(name)
 
 
+def default_calls(name: str) -> int:
+  """Back-to-back calls per timed chunk: 4 x 64 FC steps (~one MNIST epoch), 1 VGG16 step."""
+  return 4 if name == "fc" else 1
+
+
 def main(argv):
   del argv
   kept = cpu_flags.apply_keep_freed_memory()  # before JAX's first use
@@ -264,8 +277,9 @@ def main(argv):
   for m in names:
     if m not in ("fc", "vgg16"):
       sys.exit(f"bench_train.py: error: --models item {m!r} is not fc or vgg16")
-  if FLAGS.steps < 0 or FLAGS.repeats < 1 or FLAGS.batch_size < 1:
-    sys.exit("bench_train.py: error: --steps must be >= 0, --repeats and --batch_size >= 1")
+  if FLAGS.steps < 0 or FLAGS.calls < 0 or FLAGS.repeats < 1 or FLAGS.batch_size < 1:
+    sys.exit("bench_train.py: error: --steps and --calls must be >= 0, --repeats and "
+             "--batch_size >= 1")
   with_torch = FLAGS.compare_torch and torch_available()
   load = os.getloadavg()[0]
   print(f"jax {jax.__version__}, devices {jax.devices()}, {os.cpu_count()} cores, "
@@ -277,22 +291,23 @@ def main(argv):
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
   head = (f"{'model':<14}{'factorize':<10}{'batch':>6}{'step ms':>10}{'examples/s':>12}"
-          f"{'1st chunk s':>13}{'steps':>6}{'min-max ms':>20}{'CPU ms':>10}")
+          f"{'1st call s':>12}{'steps':>8}{'min-max ms':>20}{'CPU ms':>10}")
   if with_torch:
     head += f"{'torch ms':>10}{'torch min-max':>20}{'torch CPU':>10}{'ratio':>7}"
   print(head)
   for m in names:
     steps = FLAGS.steps or default_steps(m)
-    r = run(m, steps, FLAGS.repeats, FLAGS.batch_size, FLAGS.factorize, with_torch)
+    calls = FLAGS.calls or default_calls(m)
+    r = run(m, steps, FLAGS.repeats, FLAGS.batch_size, FLAGS.factorize, with_torch, calls)
     line = (f"{r['model']:<14}{r['factorize']:<10}{r['batch']:>6}{r['step_ms']:>10.2f}"
-            f"{r['examples_per_s']:>12.0f}{r['first_chunk_s']:>13.1f}{steps:>6}"
+            f"{r['examples_per_s']:>12.0f}{r['first_chunk_s']:>12.1f}{f'{steps}x{calls}':>8}"
             f"{'%.2f-%.2f' % r['spread_ms']:>20}{r['cpu_ms']:>10.1f}")
     if with_torch:
       line += (f"{r['torch_ms']:>10.2f}{'%.2f-%.2f' % r['torch_spread_ms']:>20}"
                f"{r['torch_cpu_ms']:>10.1f}{r['ratio']:>7.2f}")
     print(line, flush=True)
   print("step ms: median wall time per optimizer step; CPU ms: process CPU time per step "
-        "(all threads)")
+        "(all threads); steps: steps per jitted call x calls back to back per timed chunk")
   if with_torch:
     print("ratio = bfprune step / PyTorch step (wall), both medians of chunks timed alternately "
           "in this run")

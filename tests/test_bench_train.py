@@ -34,3 +34,36 @@ def test_per_layer_times_each_op_and_the_table_sums_them(monkeypatch, capsys):
                                                         abs=0.01)
   conv1 = next(line for line in lines if line.startswith("conv1"))
   assert re.search(r"\s6\.0\s+2\.0\s+2\.0\s+2\.0\s+6\.0\s+1\.00$", conv1)
+
+
+def test_run_times_chunks_of_back_to_back_calls_and_divides_by_all_their_steps(monkeypatch):
+  """A timed chunk is ``calls`` jitted calls; step_ms divides by steps x calls, PyTorch runs
+  the same number of steps, and the first (compiling) chunk is one call, untimed."""
+  seen = []
+
+  class FakeBench:
+    dataset = "mnist"
+
+    def __init__(self, *args):
+      pass
+
+    def chunk(self, calls=1):
+      seen.append(("jax", calls))
+      return 0.8 * calls, 1.6 * calls  # 0.8 s wall per call
+
+  class FakeTorch:
+    def __init__(self, name, bench):
+      pass
+
+    def chunk(self, calls=1):
+      seen.append(("torch", calls))
+      return 2.0 * calls, 4.0 * calls
+
+  monkeypatch.setattr(bench_train, "Bench", FakeBench)
+  monkeypatch.setattr(bench_train, "TorchBench", FakeTorch)
+  r = bench_train.run("fc", steps=64, repeats=2, batch=256, factorize="none", with_torch=True,
+                      calls=4)
+  assert seen == [("jax", 1), ("torch", 1)] + [("jax", 4), ("torch", 4)] * 2
+  assert r["step_ms"] == pytest.approx(1e3 * 0.8 / 64) and r["first_chunk_s"] == 0.8
+  assert r["torch_ms"] == pytest.approx(1e3 * 2.0 / 64) and r["ratio"] == pytest.approx(0.4)
+  assert bench_train.default_calls("fc") == 4 and bench_train.default_calls("vgg16") == 1
