@@ -4,13 +4,15 @@ r"""Train-step time: FC on MNIST-shaped and VGG16 on CIFAR-10-shaped data, optio
       [--batch_size=256] [--factorize=none] [--compare_torch] [--per_layer]
 
 Times whole jitted chunks of optimizer steps, the code path sweep.py uses (``Trainer.train_steps``
-with ``--steps`` steps per call; 0 = sweep.py's chunk: 64 for the FC, 1 for VGG16), after a
-warm-up chunk that compiles, on random inputs of the right shape (throughput does not depend on
-pixels). A timed chunk is ``--calls`` such calls back to back (0: 4 for the FC, 256 steps, about
-one MNIST epoch, as sweep.py runs them; 1 for VGG16): a lone 64-step FC call (~0.1 s) measured
-up to 20 % slower right after the CPU did something else (PyTorch's chunk, or 0.2 s idle),
-while back-to-back calls, like an epoch of sweep.py, do not pay that. ``step_ms`` is the median
-chunk time divided by its steps.
+with ``--steps`` steps per call; 0 = sweep.py's chunk: 64 for the FC, 1 for VGG16), on random
+inputs of the right shape (throughput does not depend on pixels). A chunk is ``--calls`` such
+calls back to back (0: 4 for the FC, 256 steps, about one MNIST epoch, as sweep.py runs them; 1
+for VGG16): a lone 64-step FC call (~0.1 s) measured up to 20 % slower right after the CPU did
+something else (PyTorch's chunk, or 0.2 s idle), which back-to-back calls, like an epoch of
+sweep.py, do not pay. Before the ``--repeats`` timed chunks come ``--warmup`` untimed ones: the
+first, a single call, compiles; the next let the heap reach its size (with PyTorch in the same
+process, the first VGG16 steps page-fault up to 0.8 GB of new memory each). ``step_ms`` is the
+median chunk time divided by its steps.
 
 ``--compare_torch`` builds the same networks as a plain PyTorch ``nn.Sequential`` (FC: 784-100x5-10
 with ReLU and dropout 0.1; VGG16: the 13 3x3 convs of ``models.VGG16_PLAN`` with bias, ReLU and
@@ -50,6 +52,8 @@ flags.DEFINE_integer("steps", 0, "Optimizer steps per timed chunk (0: sweep.py's
 flags.DEFINE_integer("calls", 0, "Jitted calls of --steps steps per timed chunk, back to back "
                      "(0: 4 for fc, 1 for vgg16); PyTorch runs as many steps per chunk")
 flags.DEFINE_integer("repeats", 3, "Timed chunks (median reported)")
+flags.DEFINE_integer("warmup", 3, "Untimed chunks of each framework before the timed ones (the "
+                     "first compiles; the process heap takes a few steps to reach its size)")
 flags.DEFINE_integer("batch_size", 256, "Batch size")
 flags.DEFINE_string("factorize", "none", "none | head | all (layers of the benchmarked model)")
 flags.DEFINE_bool("compare_torch", False, "Also time the same train step in PyTorch (CPU) in "
@@ -162,14 +166,21 @@ class TorchBench:
 
 
 def run(name: str, steps: int, repeats: int, batch: int, factorize: str,
-        with_torch: bool, calls: int = 1) -> dict:
-  """Times bfprune (and PyTorch) alternately: one warm-up chunk each, then ``repeats`` each,
-  a chunk being ``calls`` jitted calls of ``steps`` steps (the same steps in PyTorch)."""
+        with_torch: bool, calls: int = 1, warmup: int = 1) -> dict:
+  """Times bfprune (and PyTorch) alternately: ``warmup`` (>= 1) untimed chunks each, then
+  ``repeats`` timed ones each, a chunk being ``calls`` jitted calls of ``steps`` steps (the same
+  steps in PyTorch). ``first_chunk_s``: the first call (compile included)."""
   b = Bench(name, steps, batch, factorize)
   t = TorchBench(name, b) if with_torch else None
   first = b.chunk()[0]
   if t is not None:
     t.chunk()
+  # Warm-up beyond the compile: with PyTorch in the same process, the heap grows over the first
+  # VGG16 steps (0.8 GB of page faults in the first timed step, none from the fourth on).
+  for _ in range(warmup - 1):
+    b.chunk(calls)
+    if t is not None:
+      t.chunk(calls)
   jt, tt = [], []
   for _ in range(repeats):
     jt.append(b.chunk(calls))
@@ -277,9 +288,10 @@ def main(argv):
   for m in names:
     if m not in ("fc", "vgg16"):
       sys.exit(f"bench_train.py: error: --models item {m!r} is not fc or vgg16")
-  if FLAGS.steps < 0 or FLAGS.calls < 0 or FLAGS.repeats < 1 or FLAGS.batch_size < 1:
-    sys.exit("bench_train.py: error: --steps and --calls must be >= 0, --repeats and "
-             "--batch_size >= 1")
+  if (FLAGS.steps < 0 or FLAGS.calls < 0 or FLAGS.repeats < 1 or FLAGS.warmup < 1
+      or FLAGS.batch_size < 1):
+    sys.exit("bench_train.py: error: --steps and --calls must be >= 0, --repeats, --warmup "
+             "and --batch_size >= 1")
   with_torch = FLAGS.compare_torch and torch_available()
   load = os.getloadavg()[0]
   print(f"jax {jax.__version__}, devices {jax.devices()}, {os.cpu_count()} cores, "
@@ -298,7 +310,8 @@ def main(argv):
   for m in names:
     steps = FLAGS.steps or default_steps(m)
     calls = FLAGS.calls or default_calls(m)
-    r = run(m, steps, FLAGS.repeats, FLAGS.batch_size, FLAGS.factorize, with_torch, calls)
+    r = run(m, steps, FLAGS.repeats, FLAGS.batch_size, FLAGS.factorize, with_torch, calls,
+            FLAGS.warmup)
     line = (f"{r['model']:<14}{r['factorize']:<10}{r['batch']:>6}{r['step_ms']:>10.2f}"
             f"{r['examples_per_s']:>12.0f}{r['first_chunk_s']:>12.1f}{f'{steps}x{calls}':>8}"
             f"{'%.2f-%.2f' % r['spread_ms']:>20}{r['cpu_ms']:>10.1f}")

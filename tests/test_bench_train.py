@@ -38,7 +38,8 @@ def test_per_layer_times_each_op_and_the_table_sums_them(monkeypatch, capsys):
 
 def test_run_times_chunks_of_back_to_back_calls_and_divides_by_all_their_steps(monkeypatch):
   """A timed chunk is ``calls`` jitted calls; step_ms divides by steps x calls, PyTorch runs
-  the same number of steps, and the first (compiling) chunk is one call, untimed."""
+  the same number of steps, and the first (compiling) chunk is one call, untimed, followed by
+  ``warmup`` - 1 untimed chunks."""
   seen = []
 
   class FakeBench:
@@ -62,8 +63,9 @@ def test_run_times_chunks_of_back_to_back_calls_and_divides_by_all_their_steps(m
   monkeypatch.setattr(bench_train, "Bench", FakeBench)
   monkeypatch.setattr(bench_train, "TorchBench", FakeTorch)
   r = bench_train.run("fc", steps=64, repeats=2, batch=256, factorize="none", with_torch=True,
-                      calls=4)
-  assert seen == [("jax", 1), ("torch", 1)] + [("jax", 4), ("torch", 4)] * 2
+                      calls=4, warmup=2)
+  # compile chunk (one call), one more untimed warm-up chunk, two timed chunks; alternating
+  assert seen == [("jax", 1), ("torch", 1)] + [("jax", 4), ("torch", 4)] * 3
   assert r["step_ms"] == pytest.approx(1e3 * 0.8 / 64) and r["first_chunk_s"] == 0.8
   assert r["torch_ms"] == pytest.approx(1e3 * 2.0 / 64) and r["ratio"] == pytest.approx(0.4)
   assert bench_train.default_calls("fc") == 4 and bench_train.default_calls("vgg16") == 1
