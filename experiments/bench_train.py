@@ -1,7 +1,7 @@
 r"""Train-step time: FC on MNIST-shaped and VGG16 on CIFAR-10-shaped data, optionally vs PyTorch.
 
-  python experiments/bench_train.py [--models=fc,vgg16] [--steps=0] [--calls=0] [--warmup=3] [--repeats=3] \
-      [--batch_size=256] [--factorize=none] [--compare_torch] [--per_layer]
+  python experiments/bench_train.py [--models=fc,vgg16] [--steps=0] [--calls=0] [--warmup=3] \
+      [--repeats=3] [--batch_size=256] [--factorize=none] [--compare_torch] [--per_layer]
 
 Times whole jitted chunks of optimizer steps, the code path sweep.py uses (``Trainer.train_steps``
 with ``--steps`` steps per call; 0 = sweep.py's chunk: 64 for the FC, 1 for VGG16), on random
